@@ -1,0 +1,1 @@
+"""fal_d2: FPN-ABN Layered networks (FAL) for Detectron2."""

@@ -1,0 +1,40 @@
+"""Config keys added by fal_d2, in Detectron2's ``add_*_config`` style."""
+from detectron2.config import CfgNode as CN
+
+
+def add_fal_config(cfg):
+    """Add fal_d2's keys to a Detectron2 config, with defaults for training from scratch."""
+    # No ImageNet weights are assumed: FrozenBN and a frozen stem would cripple training.
+    cfg.MODEL.RESNETS.NORM = "BN"  # trainable BatchNorm in the ResNet trunk
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0  # train every ResNet stage, stem included
+
+    cfg.MODEL.FAL = CN()
+    cfg.MODEL.FAL.ATTENTION_LEVELS = []  # backbone outputs that get an attention branch; [] = plain backbone
+    cfg.MODEL.FAL.ATTENTION_BRANCH = "ABNAttentionBranch"  # name in ATTENTION_BRANCH_REGISTRY
+    cfg.MODEL.FAL.BRANCH_CHANNELS = 64  # a 1x1 conv first reduces a level to this width, keeping p2 cheap
+    cfg.MODEL.FAL.BRANCH_NUM_CONVS = 2  # 3x3 convs at the reduced width before the class-response conv
+    cfg.MODEL.FAL.BRANCH_NORM = "BN"  # norm of the branch convs ("" for none, else Detectron2 get_norm names)
+    cfg.MODEL.FAL.ATT_LOSS_WEIGHT = 1.0  # lambda in L = L_per + sum_levels lambda * L_att(level), as in ABN
+    cfg.MODEL.FAL.RESNET_ATTENTION_AFTER = "res4"  # ABN on a plain ResNet: the stage whose output is attended
+
+    cfg.MODEL.CLS_HEAD = CN()
+    cfg.MODEL.CLS_HEAD.NAME = "PooledFusionHead"  # name in CLS_HEAD_REGISTRY (perception head)
+    cfg.MODEL.CLS_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]  # backbone outputs the head pools and fuses
+    cfg.MODEL.CLS_HEAD.NUM_CLASSES = 21  # K; must equal the number of classes of the training dataset
+    cfg.MODEL.CLS_HEAD.DROPOUT = 0.0  # dropout before the final linear layer
+
+    cfg.INPUT.CLS = CN()
+    cfg.INPUT.CLS.SIZE = 256  # train and test images are resized to SIZE x SIZE
+    cfg.INPUT.CLS.RANDOM_FLIP = True  # random horizontal and vertical flips (aerial scenes have no "up")
+    cfg.INPUT.CLS.RANDOM_ROTATE90 = True  # random rotation by a multiple of 90 degrees
+    cfg.INPUT.CLS.COLOR_JITTER = 0.0  # max relative change of brightness, contrast and saturation; 0 = off
+
+    cfg.DATALOADER.CACHE_IMAGES = True  # keep decoded images in memory: the set is small, decoding is not
+
+    cfg.TEST.EXPLAIN = CN()
+    cfg.TEST.EXPLAIN.ENABLED = False  # add ExplanationEvaluator beside the accuracy evaluator
+    cfg.TEST.EXPLAIN.METHODS = ["attention", "gradcam", "gradcampp"]  # saliency methods (fal_d2.explain)
+    cfg.TEST.EXPLAIN.LEVELS = ["p2", "p3", "p4", "p5"]  # pyramid levels to explain
+    cfg.TEST.EXPLAIN.TARGET = "pred"  # class explained: "pred" (predicted) or "gt" (ground truth)
+    cfg.TEST.EXPLAIN.VIS_PER_CLASS = 2  # images per class drawn as heatmaps in the grid figure and report
+    cfg.TEST.EXPLAIN.OUTPUT_DIR = ""  # where heatmaps, grids and the report go; "" = OUTPUT_DIR/explain

@@ -1,0 +1,29 @@
+"""fal_d2: FPN-ABN Layered networks (FAL) for Detectron2."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fal_d2",
+    version="0.1.0",
+    description="Attention branches on chosen FPN levels, with built-in visual explanations, for Detectron2",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fal_d2", "fal_d2.*"]),
+    # Detectron2 itself is not on PyPI: tools/bootstrap_env.sh builds it (see README).
+    install_requires=[
+        "torch>=1.10",
+        "torchvision",
+        "fvcore>=0.1.5,<0.1.6",
+        "iopath>=0.1.7,<0.1.10",
+        "pycocotools>=2.0.2",
+        "omegaconf>=2.1",
+        "hydra-core>=1.1",
+        "yacs>=0.1.8",
+        "numpy",
+        "Pillow>=7.1",
+        "matplotlib",
+        "tabulate",
+        "termcolor>=1.1",
+        "tqdm>4.29",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest"]},
+)

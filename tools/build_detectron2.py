@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Build a pure-Python Detectron2 v0.6 from PyPI's ``pb1-detectron2==0.6`` sdist.
+
+The sdist holds the official v0.6 Python sources without the C++/CUDA sources, so its own
+``setup.py`` cannot build. We copy the ``detectron2`` package into ``--target`` and apply the
+smallest patches that make v0.6 import and run on today's libraries:
+
+* ``from detectron2 import _C`` at module level (layers, fast COCOeval) becomes a lazy stand-in
+  that raises :class:`CompiledOpsUnavailableError` naming the op when a compiled-only op is used;
+* Pillow >= 10 removed ``Image.LINEAR`` (an alias of ``Image.BILINEAR``);
+* ``detectron2.model_zoo`` used ``pkg_resources``, which new setuptools no longer ships;
+* NumPy >= 1.24 removed the ``np.bool``/``np.int``/``np.float`` aliases.
+
+Each patch asserts that its original text is present, so a different sdist fails loudly instead
+of producing a half-patched tree. Nothing is patched at import time: the result behaves the same
+in any fresh interpreter, whatever is imported first.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.request
+
+SDIST_NAME = "pb1-detectron2-0.6.tar.gz"
+SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+INDEX_URL = "https://pypi.org/simple/pb1-detectron2/"
+
+COMPILED_OPS_MODULE = '''"""Stand-in for ``detectron2._C`` in a Detectron2 built without compiled ops (added by fal_d2).
+
+Pure-Python code paths work as usual; using a compiled-only op raises an error that names it.
+"""
+import importlib
+
+import torch
+
+try:
+    _C = importlib.import_module("detectron2._C")
+    HAS_COMPILED_OPS = True
+except ImportError:
+    HAS_COMPILED_OPS = False
+
+_DESCRIPTIONS = {
+    "deform_conv": "deformable convolution",
+    "modulated_deform_conv": "modulated deformable convolution",
+    "box_iou_rotated": "rotated box IoU",
+    "nms_rotated": "rotated NMS",
+    "roi_align_rotated": "ROIAlignRotated",
+    "COCOeval": "fast COCOeval (use COCOEvaluator(..., use_fast_impl=False))",
+    "InstanceAnnotation": "fast COCOeval (use COCOEvaluator(..., use_fast_impl=False))",
+}
+
+
+class CompiledOpsUnavailableError(RuntimeError):
+    """A compiled-only Detectron2 op was used in a build without compiled ops."""
+
+
+def _describe(name):
+    for prefix, description in _DESCRIPTIONS.items():
+        if name.startswith(prefix):
+            return description
+    return "a compiled op"
+
+
+def _unavailable(name):
+    return CompiledOpsUnavailableError(
+        f"detectron2 op '{name}' ({_describe(name)}) needs compiled ops, but this Detectron2 was "
+        "built without compiled ops (pure-Python build from pb1-detectron2==0.6). Install the "
+        "official Detectron2 to use it."
+    )
+
+
+class _MissingCompiledOps:
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _unavailable(name)
+
+
+def compiled_op(name):
+    """Return ``torch.ops.detectron2.<name>``, or raise a clear error when it is not compiled."""
+    if not HAS_COMPILED_OPS:
+        raise _unavailable(name)
+    return getattr(torch.ops.detectron2, name)
+
+
+if not HAS_COMPILED_OPS:
+    _C = _MissingCompiledOps()
+'''
+
+IMPORT_C = "from detectron2 import _C\n"
+LAZY_C = "from detectron2._compiled_ops import _C\n"
+
+PATCHES = [
+    ("layers/deform_conv.py", IMPORT_C, LAZY_C),
+    ("layers/rotated_boxes.py", IMPORT_C, LAZY_C),
+    ("layers/roi_align_rotated.py", IMPORT_C, LAZY_C),
+    ("evaluation/fast_eval_api.py", IMPORT_C, LAZY_C),
+    (
+        "layers/nms.py",
+        "    return torch.ops.detectron2.nms_rotated(boxes, scores, iou_threshold)",
+        "    from detectron2._compiled_ops import compiled_op\n\n"
+        '    return compiled_op("nms_rotated")(boxes, scores, iou_threshold)',
+    ),
+    ("data/transforms/transform.py", "interp=Image.LINEAR", "interp=Image.BILINEAR"),
+    ("model_zoo/model_zoo.py", "import pkg_resources\n", ""),
+    (
+        "model_zoo/model_zoo.py",
+        'cfg_file = pkg_resources.resource_filename(\n        "detectron2.model_zoo", '
+        'os.path.join("configs", config_path)\n    )',
+        'cfg_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", '
+        "config_path)",
+    ),
+    ("structures/masks.py", "astype(np.bool)", "astype(bool)"),
+    ("evaluation/pascal_voc_evaluation.py", ".astype(np.bool)\n", ".astype(bool)\n"),
+    ("evaluation/sem_seg_evaluation.py", "dtype=np.int)", "dtype=int)"),
+    ("evaluation/sem_seg_evaluation.py", "np.float)", "float)"),
+]
+
+
+def fetch_sdist(cache_dir):
+    """Download the sdist once into ``cache_dir`` and check its sha256."""
+    path = os.path.join(cache_dir, SDIST_NAME)
+    if not os.path.exists(path):
+        request = urllib.request.Request(
+            INDEX_URL, headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            files = json.load(response)["files"]
+        url = next(f["url"] for f in files if f["filename"] == SDIST_NAME)
+        with urllib.request.urlopen(url, timeout=300) as response:
+            payload = response.read()
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != SDIST_SHA256:
+        raise SystemExit(f"error: {path}: sha256 {digest} != expected {SDIST_SHA256}")
+    return path
+
+
+def apply_patches(package_dir):
+    for relpath, old, new in PATCHES:
+        path = os.path.join(package_dir, relpath)
+        with open(path) as f:
+            text = f.read()
+        if old not in text:
+            raise SystemExit(f"error: {path}: expected text to patch not found: {old!r}")
+        with open(path, "w") as f:
+            f.write(text.replace(old, new))
+    with open(os.path.join(package_dir, "_compiled_ops.py"), "w") as f:
+        f.write(COMPILED_OPS_MODULE)
+
+
+def build(target, cache_dir):
+    sdist = fetch_sdist(cache_dir)
+    final = os.path.join(target, "detectron2")
+    staging = tempfile.mkdtemp(dir=target, prefix=".detectron2-build-")
+    try:
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if "/detectron2/" in m.name]
+            tar.extractall(staging, members=members, filter="data")
+        package_dir = os.path.join(staging, "pb1-detectron2-0.6", "detectron2")
+        apply_patches(package_dir)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(package_dir, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist_info = os.path.join(target, "detectron2-0.6.dist-info")
+    os.makedirs(dist_info, exist_ok=True)
+    with open(os.path.join(dist_info, "METADATA"), "w") as f:
+        f.write("Metadata-Version: 2.1\nName: detectron2\nVersion: 0.6\n"
+                "Summary: Detectron2 v0.6, pure-Python build (no compiled ops) by fal_d2\n")
+    with open(os.path.join(dist_info, "INSTALLER"), "w") as f:
+        f.write("fal_d2\n")
+    with open(os.path.join(dist_info, "RECORD"), "w") as f:
+        f.write("")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="site directory to install into")
+    parser.add_argument("--cache-dir", default=os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fal_d2"),
+        help="where the downloaded sdist is kept")
+    args = parser.parse_args(argv)
+    os.makedirs(args.target, exist_ok=True)
+    build(args.target, args.cache_dir)
+    print(f"built pure-Python detectron2 0.6 into {args.target}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
