@@ -1,1 +1,9 @@
-"""fal_d2: FPN-ABN Layered networks (FAL) for Detectron2."""
+"""fal_d2: FPN-ABN Layered networks (FAL) for Detectron2.
+
+Importing the package registers its backbones, heads and meta-architectures in Detectron2's
+registries and the UC Merced datasets in DatasetCatalog.
+"""
+from . import modeling  # noqa: F401  (registers the model parts)
+from .config import add_fal_config
+
+__all__ = ["add_fal_config"]

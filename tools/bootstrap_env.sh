@@ -57,7 +57,7 @@ fi
 SITE="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "import site; site.addsitedir('$DEPS')" > "$SITE/_fal_d2_deps.pth"
 
-if ! .venv/bin/python -c 'import fal_d2' 2>/dev/null; then
+if ! .venv/bin/python -I -c 'import fal_d2' 2>/dev/null; then
     "$UV" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
 fi
 

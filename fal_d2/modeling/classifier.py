@@ -1,0 +1,95 @@
+"""FALClassifier: image classification with a (FAL) backbone and a perception head."""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList
+
+from .cls_head import build_cls_head
+from .map_resize import level_map_to_image
+
+
+@META_ARCH_REGISTRY.register()
+class FALClassifier(nn.Module):
+    """Backbone -> perception head -> class logits, plus ABN losses for every attention branch.
+
+    Training returns ``{"loss_cls", "loss_att_<level>"...}``: L = L_per + sum lambda * L_att.
+    Inference returns one dict per image with ``scores`` (softmax over K), ``pred_class`` (int),
+    ``attention`` ({level: map at the original image size}), ``attention_raw`` ({level: map at the
+    level's resolution}) and ``attention_scores`` ({level: softmax of that branch's logits}).
+    """
+
+    @configurable
+    def __init__(self, *, backbone, head, pixel_mean, pixel_std, input_format, att_loss_weight=1.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.input_format = input_format
+        self.att_loss_weight = att_loss_weight
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        return {
+            "backbone": backbone,
+            "head": build_cls_head(cfg, backbone.output_shape()),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "att_loss_weight": cfg.MODEL.FAL.ATT_LOSS_WEIGHT,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalize, pad and batch the images, as Detectron2's meta-archs do."""
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        logits = self.head(features)
+        attention = getattr(self.backbone, "last_attention", {})
+        if self.training:
+            labels = torch.as_tensor([x["label"] for x in batched_inputs], device=self.device)
+            losses = {"loss_cls": F.cross_entropy(logits, labels)}
+            for level, output in attention.items():
+                losses[f"loss_att_{level}"] = self.att_loss_weight * F.cross_entropy(
+                    output.logits, labels
+                )
+            return losses
+        return self.postprocess(logits, attention, batched_inputs, images)
+
+    @staticmethod
+    def postprocess(logits, attention, batched_inputs, images: ImageList) -> List[Dict]:
+        scores = logits.float().softmax(dim=1)
+        padded_size = tuple(images.tensor.shape[-2:])
+        results = []
+        for i, (inputs, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            output_size = (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
+            results.append(
+                {
+                    "scores": scores[i],
+                    "pred_class": int(scores[i].argmax()),
+                    "attention": {
+                        level: level_map_to_image(out.attention[i, 0], padded_size, image_size,
+                                                  output_size)
+                        for level, out in attention.items()
+                    },
+                    "attention_raw": {level: out.attention[i, 0] for level, out in attention.items()},
+                    "attention_scores": {
+                        level: out.logits[i].float().softmax(dim=0) for level, out in attention.items()
+                    },
+                }
+            )
+        return results
