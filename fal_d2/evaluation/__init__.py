@@ -1,0 +1,1 @@
+from .classification_evaluator import ClassificationEvaluator

@@ -1,0 +1,1 @@
+"""Small helpers shared by fal_d2's modules."""

@@ -1,0 +1,49 @@
+"""Atomic file writes: write a temp file in the target's directory, then ``os.replace`` it.
+
+A reader (TensorBoard, a script watching OUTPUT_DIR, a resumed run) then sees either the old file
+or the complete new one, never a half-written file, even if the writer is killed mid-write.
+The temp file must live in the same directory because ``os.replace`` is only atomic within one
+filesystem. Paths are local filesystem paths (no iopath/PathManager URLs).
+"""
+import io
+import json
+import os
+import secrets
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_figure"]
+
+
+def atomic_write_bytes(path, data):
+    """Replace the file at ``path`` with ``data`` (bytes) atomically; the directory must exist."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with mode 0o666 lets the umask decide permissions, as open() would for the target.
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data does
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def atomic_write_text(path, text, encoding="utf-8"):
+    """Replace the file at ``path`` with ``text`` atomically."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path, obj, indent=2):
+    """Replace the file at ``path`` with ``obj`` serialised as JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_save_figure(fig, path, **kwargs):
+    """``fig.savefig(path, **kwargs)``, atomically; the extension sets the format unless given."""
+    extension = os.path.splitext(path)[1][1:].lower()
+    kwargs.setdefault("format", extension or None)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, **kwargs)
+    atomic_write_bytes(path, buffer.getvalue())
