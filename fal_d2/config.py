@@ -38,3 +38,18 @@ def add_fal_config(cfg):
     cfg.TEST.EXPLAIN.TARGET = "pred"  # class explained: "pred" (predicted) or "gt" (ground truth)
     cfg.TEST.EXPLAIN.VIS_PER_CLASS = 2  # images per class drawn as heatmaps in the grid figure and report
     cfg.TEST.EXPLAIN.OUTPUT_DIR = ""  # where heatmaps, grids and the report go; "" = OUTPUT_DIR/explain
+
+
+def check_config_against_datasets(cfg):
+    """Fail early, naming the key, when a classifier's class count disagrees with its datasets."""
+    from detectron2.data import MetadataCatalog
+
+    if cfg.MODEL.META_ARCHITECTURE != "FALClassifier":
+        return
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != cfg.MODEL.CLS_HEAD.NUM_CLASSES:
+            raise ValueError(
+                f"MODEL.CLS_HEAD.NUM_CLASSES={cfg.MODEL.CLS_HEAD.NUM_CLASSES} but dataset "
+                f"'{name}' has {len(classes)} classes"
+            )

@@ -1,0 +1,37 @@
+"""Shared test fixtures: tiny CPU-sized fal_d2 configs."""
+import os
+
+import pytest
+
+from detectron2.config import get_cfg
+
+import fal_d2  # noqa: F401  (registers models and datasets)
+from fal_d2.config import add_fal_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_OVERRIDES = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.FPN.OUT_CHANNELS", 32,
+    "MODEL.FAL.BRANCH_CHANNELS", 8,
+    "MODEL.CLS_HEAD.NUM_CLASSES", 5,
+    "INPUT.CLS.SIZE", 64,
+    "INPUT.MIN_SIZE_TEST", 64,
+    "INPUT.MAX_SIZE_TEST", 64,
+]
+
+
+def make_tiny_cfg(config_name="fal_p2p3.yaml", *opts):
+    """A repo config shrunk to run in milliseconds on the CPU."""
+    cfg = get_cfg()
+    add_fal_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", config_name))
+    cfg.merge_from_list(TINY_OVERRIDES + list(opts))
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg():
+    return make_tiny_cfg
