@@ -1,0 +1,204 @@
+"""Explanation-quality metrics as pure functions: tensors or arrays in, numbers out, no model.
+
+Average Drop %, Increase in Confidence % and Win % follow Grad-CAM++ (Chattopadhyay et al., WACV
+2018): an explanation map S in [0, 1] masks the image, E = S * I, and the model's confidence Y on I
+is compared with its confidence O on E for the same class. Deletion and insertion follow RISE
+(Petsiuk et al., BMVC 2018): pixels are removed from (or inserted into) the image in decreasing
+order of saliency and the target probability is integrated over the fraction of pixels changed.
+
+Per-image functions return one value per image so that callers can keep running sums; the
+dataset-level metric is their mean.
+"""
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+
+from fal_d2.modeling.map_resize import level_map_to_image
+
+__all__ = [
+    "normalize_saliency",
+    "explanation_images",
+    "drop_per_image",
+    "increase_per_image",
+    "average_drop",
+    "increase_in_confidence",
+    "win_rate",
+    "ranked_pixel_masks",
+    "perturbed_images",
+    "deletion_scores",
+    "insertion_scores",
+    "curve_auc",
+]
+
+
+def normalize_saliency(
+    saliency: torch.Tensor,
+    size: Tuple[int, int],
+    padded_size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """
+    Bring (N, h, w) maps to (N, H, W) = ``size`` with values in [0, 1], min-max per image.
+
+    Maps computed on a padded batch cover ``padded_size`` (default ``size``): they are upsampled
+    (bilinear) to it, then cropped to the image's top-left ``size``, as ImageList pads only the
+    bottom and right. A constant map carries no localisation and becomes all zeros (a black
+    explanation image), so that Average Drop penalises it instead of rewarding it as all ones
+    (E = I, no drop) would.
+    """
+    if saliency.dim() != 3:
+        raise ValueError(f"saliency must be (N, h, w), got shape {tuple(saliency.shape)}")
+    size = tuple(size)
+    padded_size = tuple(padded_size or size)
+    resized = saliency.new_zeros((len(saliency),) + size, dtype=torch.float32)
+    for i, level_map in enumerate(saliency):
+        resized[i] = level_map_to_image(level_map, padded_size, size, size)
+    flat = resized.flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - low
+    normalized = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    return normalized.view_as(resized)
+
+
+def explanation_images(images: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """
+    E = S * I in pixel space (before mean/std normalisation, so 0 is black).
+
+    Args:
+        images: (N, C, H, W) or (C, H, W), uint8 or float pixel values.
+        saliency: (N, H, W) or (H, W) in [0, 1], see :func:`normalize_saliency`.
+
+    Returns:
+        float32 images of the same shape as ``images``.
+    """
+    if images.shape[-2:] != saliency.shape[-2:] or images.dim() != saliency.dim() + 1:
+        raise ValueError(
+            f"saliency of shape {tuple(saliency.shape)} does not match images of shape "
+            f"{tuple(images.shape)}; expected (N, H, W) for (N, C, H, W) or (H, W) for (C, H, W)"
+        )
+    return images.float() * saliency.to(images.device, torch.float32).unsqueeze(-3)
+
+
+def _confidences(y, o) -> Tuple[np.ndarray, np.ndarray]:
+    y, o = (
+        v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, np.float64)
+        for v in (y, o)
+    )
+    if y.ndim != 1 or y.shape != o.shape:
+        raise ValueError(
+            f"Y and O must be 1-D with one confidence per image, got shapes {y.shape} and {o.shape}"
+        )
+    return y, o
+
+
+def drop_per_image(y, o) -> np.ndarray:
+    """100 * max(0, Y - O) / Y per image; 0 where Y = 0 (no confidence left to lose)."""
+    y, o = _confidences(y, o)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(y > 0, 100.0 * np.maximum(0.0, y - o) / y, 0.0)
+
+
+def increase_per_image(y, o) -> np.ndarray:
+    """100 where the explanation raised the confidence (O > Y), else 0."""
+    y, o = _confidences(y, o)
+    return 100.0 * (o > y)
+
+
+def _mean(values: np.ndarray, name: str) -> float:
+    if values.size == 0:
+        raise ValueError(f"{name} of zero images is undefined")
+    return float(values.mean())
+
+
+def average_drop(y, o) -> float:
+    """Average Drop % = 100/N sum_i max(0, Y_i - O_i) / Y_i (lower is better)."""
+    return _mean(drop_per_image(y, o), "average_drop")
+
+
+def increase_in_confidence(y, o) -> float:
+    """Increase in Confidence % = 100/N sum_i 1[O_i > Y_i] (higher is better)."""
+    return _mean(increase_per_image(y, o), "increase_in_confidence")
+
+
+def win_rate(drop_a, drop_b) -> float:
+    """
+    Win % of method A over B: the percentage of images where A's drop is strictly smaller, as in
+    Grad-CAM++. A tie is a win for neither, so win_rate(a, b) + win_rate(b, a) is 100 minus the
+    percentage of ties (often large: both drops are 0 whenever both explanations raise O).
+    """
+    drop_a, drop_b = _confidences(drop_a, drop_b)
+    return _mean(100.0 * (drop_a < drop_b), "win_rate")
+
+
+def ranked_pixel_masks(saliency: torch.Tensor, steps: int) -> torch.Tensor:
+    """
+    (steps + 1, H, W) float masks: mask t is 1 on the round(t / steps * H * W) most salient pixels.
+    Equal saliencies are ranked in raster order, so the result is deterministic.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    num_pixels = saliency.numel()
+    order = torch.argsort(saliency.flatten(), descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_pixels, device=order.device)
+    counts = torch.round(torch.linspace(0, num_pixels, steps + 1, device=order.device))
+    return (rank[None] < counts[:, None]).float().view(steps + 1, *saliency.shape)
+
+
+def perturbed_images(start: torch.Tensor, end: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(T, C, H, W) images showing ``end`` where a mask is 1 and ``start`` elsewhere."""
+    masks = masks.to(start.device).unsqueeze(1)
+    return start.float()[None] * (1 - masks) + end.float()[None] * masks
+
+
+def deletion_scores(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    saliency: torch.Tensor,
+    steps: int = 16,
+) -> torch.Tensor:
+    """
+    RISE deletion curve: the target score as the most salient pixels are set to 0 (black).
+
+    Args:
+        score_fn: (T, C, H, W) pixel-space images -> (T,) target-class probabilities.
+        image: (C, H, W) pixel-space image; saliency: (H, W).
+
+    Returns:
+        (steps + 1,) scores, from the intact image to the all-black one.
+    """
+    masks = ranked_pixel_masks(saliency, steps)
+    return score_fn(perturbed_images(image, torch.zeros_like(image), masks))
+
+
+def insertion_scores(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    saliency: torch.Tensor,
+    baseline: torch.Tensor,
+    steps: int = 16,
+) -> torch.Tensor:
+    """
+    RISE insertion curve: the target score as the most salient pixels of ``image`` are pasted
+    onto ``baseline`` (RISE uses a blurred copy of the image). Arguments as :func:`deletion_scores`.
+
+    Returns:
+        (steps + 1,) scores, from the baseline to the intact image.
+    """
+    masks = ranked_pixel_masks(saliency, steps)
+    return score_fn(perturbed_images(baseline, image, masks))
+
+
+def curve_auc(scores):
+    """
+    Area under curves sampled at equally spaced fractions 0, 1/T, ..., 1 of pixels (trapezoid
+    rule). ``scores`` is (T + 1,) or (N, T + 1); returns a float or an (N,) array.
+    """
+    scores = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(
+        scores, np.float64
+    )
+    if scores.ndim not in (1, 2) or scores.shape[-1] < 2:
+        raise ValueError(f"scores must be (T + 1,) or (N, T + 1) with T >= 1, got {scores.shape}")
+    steps = scores.shape[-1] - 1
+    area = (scores.sum(axis=-1) - (scores[..., 0] + scores[..., -1]) / 2) / steps
+    return float(area) if scores.ndim == 1 else area

@@ -1,0 +1,137 @@
+"""Heatmap overlays and image grids of explanations, as in the paper's figures.
+
+Figures are drawn on a bare Agg canvas (not pyplot), so that no global backend or figure registry
+is touched, and saved atomically.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fal_d2.utils.atomic_io import atomic_save_figure
+
+__all__ = [
+    "ExplanationSample",
+    "overlay_heatmap",
+    "save_grid_figure",
+    "explanation_grid",
+]
+
+GridCell = Tuple[Optional[np.ndarray], str]  # (RGB uint8 image or None for a blank cell, caption)
+
+
+@dataclass
+class ExplanationSample:
+    """One image kept for drawing: small, so that an evaluator can keep a few per class."""
+
+    image_id: str  # pairs the same image across models
+    image: np.ndarray  # (h, w, 3) uint8 RGB, downscaled
+    class_name: str  # ground truth
+    target_name: str  # explained class
+    maps: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)  # (method, level) -> (h, w) uint8, 255 = 1
+    drop: Dict[Tuple[str, str], float] = field(default_factory=dict)  # per-image Average Drop %
+    increase: Dict[Tuple[str, str], bool] = field(default_factory=dict)  # O > Y
+
+
+def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5) -> np.ndarray:
+    """
+    Blend a "jet" heatmap of ``saliency01`` (values in [0, 1], resized bilinearly to the image if
+    needed) over the image: alpha * heatmap + (1 - alpha) * image, the convention of OpenCV's
+    addWeighted and pytorch-grad-cam. Returns an (H, W, 3) uint8 RGB image.
+    """
+    image = np.asarray(image_rgb_uint8)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}")
+    saliency = torch.as_tensor(np.asarray(saliency01, dtype=np.float32))
+    if saliency.dim() != 2:
+        raise ValueError(f"saliency must be (h, w), got shape {tuple(saliency.shape)}")
+    if tuple(saliency.shape) != image.shape[:2]:
+        saliency = F.interpolate(saliency[None, None], size=image.shape[:2], mode="bilinear",
+                                 align_corners=False)[0, 0]
+    heatmap = matplotlib.colormaps["jet"](saliency.clamp(0, 1).numpy())[..., :3]
+    blended = alpha * heatmap + (1 - alpha) * image.astype(np.float64) / 255.0
+    return np.clip(np.round(blended * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_grid_figure(
+    rows: Sequence[Sequence[GridCell]],
+    columns: Sequence[str],
+    path: str,
+    row_labels: Optional[Sequence[str]] = None,
+    title: str = "",
+    cell_size: float = 1.7,
+    dpi: int = 100,
+):
+    """
+    Save a grid of images, one row per image and one column per panel, atomically.
+
+    Args:
+        rows: per row, one ``(image, caption)`` per column; ``image`` is (H, W, 3) uint8 RGB or
+            None for a blank cell; the caption (e.g. metric values) goes under the column title.
+        columns: column titles, shown above the first row.
+        row_labels: shown left of each row (e.g. the class names).
+    """
+    if not rows:
+        raise ValueError(f"{path}: no rows to draw")
+    bad = [i for i, row in enumerate(rows) if len(row) != len(columns)]
+    if bad:
+        raise ValueError(f"{path}: rows {bad} do not have one cell per column ({len(columns)})")
+    figure = Figure(figsize=(cell_size * len(columns), cell_size * len(rows) + 0.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), len(columns), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, (image, caption) in enumerate(row):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if image is None:
+                ax.axis("off")
+            else:
+                ax.imshow(image)
+            ax.set_title("\n".join(filter(None, [columns[c] if r == 0 else "", caption])), fontsize=7)
+        if row_labels is not None:
+            axes[r][0].set_ylabel(row_labels[r], fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    atomic_save_figure(figure, path, dpi=dpi)
+
+
+def explanation_grid(
+    models: Sequence[Tuple[str, Sequence[ExplanationSample]]],
+    method: str,
+    levels_per_model: Sequence[Sequence[str]],
+) -> Tuple[List[List[GridCell]], List[str], List[str]]:
+    """
+    Rows, column titles and row labels of a grid for :func:`save_grid_figure`: the input, then
+    each model's heatmaps of ``method`` on its levels, side by side (e.g. FPN vs FAL). Rows are the
+    first model's samples; another model's cells are blank where it has no sample of that image.
+    """
+    first_samples = models[0][1]
+    by_id = [{sample.image_id: sample for sample in samples} for _, samples in models]
+    columns = ["input"] + [
+        f"{label}: {method} {level}" if len(models) > 1 else f"{method} {level}"
+        for (label, _), levels in zip(models, levels_per_model)
+        for level in levels
+    ]
+    rows, row_labels = [], []
+    for first in first_samples:
+        row = [(first.image, "")]
+        for samples, levels in zip(by_id, levels_per_model):
+            sample = samples.get(first.image_id)
+            for level in levels:
+                key = (method, level)
+                if sample is None or key not in sample.maps:
+                    row.append((None, ""))
+                    continue
+                caption = (f"drop {sample.drop[key]:.1f}%, "
+                           f"inc {'yes' if sample.increase[key] else 'no'}")
+                row.append((overlay_heatmap(sample.image, sample.maps[key] / 255.0), caption))
+        rows.append(row)
+        row_labels.append(f"{first.class_name}\n(explained: {first.target_name})")
+    return rows, columns, row_labels
