@@ -23,6 +23,7 @@ data: env
 	fi
 
 test: env
+	@bash tools/install_browser.sh
 	$(PY) -m pytest -q tests
 
 demo: data

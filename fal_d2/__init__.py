@@ -3,7 +3,7 @@
 Importing the package registers its backbones, heads and meta-architectures in Detectron2's
 registries and the UC Merced datasets in DatasetCatalog.
 """
-from . import modeling  # noqa: F401  (registers the model parts)
+from . import data, modeling  # noqa: F401  (registers datasets and model parts)
 from .config import add_fal_config
 
 __all__ = ["add_fal_config"]
