@@ -1,1 +1,2 @@
 from .classification_evaluator import ClassificationEvaluator
+from .explanation_evaluator import ExplanationEvaluator

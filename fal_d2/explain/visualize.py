@@ -131,6 +131,8 @@ def explanation_grid(
                     continue
                 caption = (f"drop {sample.drop[key]:.1f}%, "
                            f"inc {'yes' if sample.increase[key] else 'no'}")
+                if sample.target_name != first.target_name:  # models may predict differently
+                    caption += f"\n(explained: {sample.target_name})"
                 row.append((overlay_heatmap(sample.image, sample.maps[key] / 255.0), caption))
         rows.append(row)
         row_labels.append(f"{first.class_name}\n(explained: {first.target_name})")

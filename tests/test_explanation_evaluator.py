@@ -1,0 +1,254 @@
+"""ExplanationEvaluator and tools/explain.py on tiny random models and a synthetic dataset."""
+import datetime
+import importlib.util
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+
+from conftest import REPO_ROOT, TINY_OVERRIDES, make_tiny_cfg
+from fal_d2.data import ClassificationDatasetMapper
+from fal_d2.evaluation import ExplanationEvaluator
+from fal_d2.explain import GradCAM
+from fal_d2.explain.scoring import score_explanations
+
+DATASET = "fal_test_explain_synthetic"
+CLASSES = ["airplane", "beach", "forest"]
+SIZE = 32
+SMALL_OPTS = ["MODEL.CLS_HEAD.NUM_CLASSES", 3, "INPUT.CLS.SIZE", SIZE, "DATALOADER.NUM_WORKERS", 0]
+ROW_KEYS = ["method", "level", "class", "average_drop", "increase_in_confidence", "deletion_auc",
+            "insertion_auc", "num_images"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On shared busy cores, torch's intra-op threads wait on each other: 1 thread is 5-30x faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _register_dataset(root):
+    """Two generated images per class, each class with its own colour, written to ``root``."""
+    records = []
+    rng = np.random.default_rng(0)
+    for label, class_name in enumerate(CLASSES):
+        for index in range(2):
+            pixels = rng.integers(0, 80, (40, 48, 3), dtype=np.uint8)
+            pixels[..., label] += 150
+            file_name = os.path.join(root, f"{class_name}{index}.png")
+            Image.fromarray(pixels).save(file_name)
+            records.append({"file_name": file_name, "image_id": f"{class_name}{index}",
+                            "height": 40, "width": 48, "label": label, "class_name": class_name})
+    if DATASET in DatasetCatalog.list():
+        DatasetCatalog.remove(DATASET)
+    DatasetCatalog.register(DATASET, lambda: records)
+    MetadataCatalog.get(DATASET).set(thing_classes=CLASSES)
+    return records
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return _register_dataset(str(tmp_path_factory.mktemp("synthetic")))
+
+
+def _cfg(config="fal_p2p3.yaml", *opts):
+    return make_tiny_cfg(config, *SMALL_OPTS, *opts)
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+def _inputs(cfg, records):
+    mapper = ClassificationDatasetMapper(cfg, is_train=False)
+    return [mapper(record) for record in records]
+
+
+def _evaluate(evaluator, inputs, batch_size=2):
+    evaluator.reset()
+    for start in range(0, len(inputs), batch_size):
+        evaluator.process(inputs[start : start + batch_size], None)
+    return evaluator.evaluate()
+
+
+def test_metrics_rows_and_files(records, tmp_path):
+    cfg = _cfg()
+    model = _model(cfg)
+    inputs = _inputs(cfg, records)
+    evaluator = ExplanationEvaluator(DATASET, model, ["gradcam", "fused"], ["p2", "p4"],
+                                     vis_per_class=1, output_dir=str(tmp_path), auc_steps=1)
+    results = _evaluate(evaluator, inputs)["explanation"]
+
+    metrics = ["average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc"]
+    keys = [f"{m}/{level}/{metric}" for m, level in [("gradcam", "p2"), ("gradcam", "p4"),
+                                                       ("fused", "p2+p4")] for metric in metrics]
+    assert list(results) == keys
+    direct = score_explanations(model, inputs, GradCAM(model, ["p4"]), auc_steps=1).levels["p4"]
+    assert results["gradcam/p4/average_drop"] == pytest.approx(direct.drop.mean(), rel=1e-4)
+    assert results["gradcam/p4/increase_in_confidence"] == pytest.approx(direct.increase.mean())
+    assert results["gradcam/p4/deletion_auc"] == pytest.approx(direct.deletion_auc.mean(), rel=1e-4)
+    assert results["gradcam/p4/insertion_auc"] == pytest.approx(direct.insertion_auc.mean(), rel=1e-4)
+
+    written = json.loads((tmp_path / "explanation_metrics.json").read_text())
+    assert written["dataset"] == DATASET and written["target"] == "pred"
+    rows = written["rows"]
+    assert all(list(row) == ROW_KEYS for row in rows)
+    assert [(row["method"], row["level"], row["class"], row["num_images"]) for row in rows[:4]] == [
+        ("gradcam", "p2", "all", 6), ("gradcam", "p2", "airplane", 2),
+        ("gradcam", "p2", "beach", 2), ("gradcam", "p2", "forest", 2),
+    ]
+    per_class = [row["average_drop"] for row in rows[1:4]]
+    assert rows[0]["average_drop"] == pytest.approx(np.mean(per_class))
+
+    for path in ["grid_gradcam.png", "grid_fused.png", "heatmaps/gradcam/p4/beach_0.png",
+                 "heatmaps/fused/p2+p4/forest_0.png"]:
+        with Image.open(tmp_path / path) as image:
+            image.verify()
+    assert len(os.listdir(tmp_path / "heatmaps/gradcam/p2")) == 3  # vis_per_class=1, 3 classes
+
+
+def test_method_and_level_checks(records, caplog):
+    fal = _model(_cfg())
+    evaluator = ExplanationEvaluator(DATASET, fal, ["attention", "gradcampp"], ["p2", "p5"])
+    assert evaluator.method_levels == {"attention": ["p2"], "gradcampp": ["p2", "p5"]}
+    assert "skipping 'attention' on p5" in caplog.text
+
+    fpn = _model(_cfg("fpn_baseline.yaml"))
+    assert ExplanationEvaluator(DATASET, fpn, ["attention", "gradcam"], ["p3"]).method_levels == {
+        "gradcam": ["p3"]
+    }
+    with pytest.raises(ValueError, match=r"TEST.EXPLAIN.LEVELS: unknown level\(s\) \['res4'\]"):
+        ExplanationEvaluator(DATASET, fpn, ["gradcam"], ["res4"])
+    with pytest.raises(ValueError, match=r"TEST.EXPLAIN.METHODS: unknown method\(s\) \['cam'\]"):
+        ExplanationEvaluator(DATASET, fpn, ["cam"], ["p3"])
+    with pytest.raises(ValueError, match="TEST.EXPLAIN.TARGET='label'"):
+        ExplanationEvaluator(DATASET, fpn, ["gradcam"], ["p3"], target="label")
+
+
+def test_from_config_and_ground_truth_target(records, tmp_path):
+    cfg = _cfg("fal_p2p3.yaml", "TEST.EXPLAIN.METHODS", ["gradcam"], "TEST.EXPLAIN.LEVELS", ["p3"],
+               "TEST.EXPLAIN.TARGET", "gt", "TEST.EXPLAIN.VIS_PER_CLASS", 2, "OUTPUT_DIR", str(tmp_path))
+    evaluator = ExplanationEvaluator.from_config(cfg, DATASET, _model(cfg), auc_steps=0)
+    results = _evaluate(evaluator, _inputs(cfg, records))["explanation"]
+    assert list(results) == ["gradcam/p3/average_drop", "gradcam/p3/increase_in_confidence"]
+    assert [(s.class_name, s.target_name) for s in evaluator.samples] == [(c, c) for c in CLASSES for _ in "ab"]
+    written = json.loads((tmp_path / "explain" / "explanation_metrics.json").read_text())
+    assert written["rows"][0]["deletion_auc"] is None and written["auc_steps"] == 0
+
+
+def test_state_does_not_grow_with_the_number_of_images(records):
+    cfg = _cfg()
+    inputs = _inputs(cfg, records)
+    evaluator = ExplanationEvaluator(DATASET, _model(cfg), ["gradcam"], ["p5"], vis_per_class=1,
+                                     output_dir=None, auc_steps=0)
+
+    def state_size():
+        return len(pickle.dumps((evaluator._sums, evaluator._samples)))
+
+    evaluator.process(inputs[::2], None)  # one image of each class: the samples are full
+    size = state_size()
+    for _ in range(3):
+        evaluator.process(inputs, None)
+    assert state_size() == size
+    assert evaluator.evaluate()["explanation"]["gradcam/p5/average_drop"] >= 0
+    assert evaluator.rows[0]["num_images"] == 3 + 3 * 6
+
+
+def _distributed_worker(rank, init_file, weights, root, result_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        records = _register_dataset(root)  # spawned processes start with empty catalogs
+        cfg = _cfg()
+        model = _model(cfg)
+        DetectionCheckpointer(model).load(weights)
+        shard = _inputs(cfg, records)[slice(0, 2) if rank == 0 else slice(2, None)]
+        evaluator = ExplanationEvaluator(DATASET, model, ["gradcam"], ["p3"], vis_per_class=1,
+                                         output_dir=result_dir, auc_steps=1)
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(_evaluate(evaluator, shard), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one(records, tmp_path):
+    cfg = _cfg()
+    model = _model(cfg, seed=3)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("weights")
+    single_dir = tmp_path / "single"
+    single = _evaluate(
+        ExplanationEvaluator(DATASET, model, ["gradcam"], ["p3"], vis_per_class=1,
+                             output_dir=str(single_dir), auc_steps=1),
+        _inputs(cfg, records),
+    )
+    root = os.path.dirname(records[0]["file_name"])
+    mp.spawn(_distributed_worker, nprocs=2,
+             args=(str(tmp_path / "init"), str(tmp_path / "weights.pth"), root, str(tmp_path)))
+
+    assert json.loads((tmp_path / "rank1.json").read_text()) == {}
+    assert json.loads((tmp_path / "rank0.json").read_text())["explanation"] == pytest.approx(
+        dict(single["explanation"]), rel=1e-4, abs=1e-6
+    )
+    gathered_rows = json.loads((tmp_path / "explanation_metrics.json").read_text())["rows"]
+    single_rows = json.loads((single_dir / "explanation_metrics.json").read_text())["rows"]
+    assert [row["num_images"] for row in gathered_rows] == [row["num_images"] for row in single_rows]
+    assert sorted(os.listdir(tmp_path / "heatmaps/gradcam/p3")) == [f"{c}_0.png" for c in CLASSES]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("explain_tool", os.path.join(REPO_ROOT, "tools", "explain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_explain_tool_end_to_end(records, tmp_path):
+    weights = tmp_path / "fal.pth"
+    torch.save({"model": _model(_cfg(), seed=1).state_dict()}, weights)
+    output = tmp_path / "analysis"
+    opts = [str(value) for value in TINY_OVERRIDES + SMALL_OPTS]
+    rows = _load_tool().main([
+        "--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"), "--weights", str(weights),
+        "--compare-config", os.path.join(REPO_ROOT, "configs", "fpn_baseline.yaml"),
+        "--dataset", DATASET, "--class-name", "beach", "--methods", "attention", "gradcam",
+        "--levels", "p2", "p3", "--max-images", "3", "--auc-steps", "0", "--vis-per-class", "1",
+        "--output", str(output), *opts,
+    ])
+
+    assert sorted(os.listdir(output)) == [
+        "fal_p2p3", "fpn_baseline", "grid_attention.png", "grid_gradcam.png",
+        "layer_analysis.csv", "layer_analysis.json", "layer_analysis.md",
+    ]
+    table = json.loads((output / "layer_analysis.json").read_text())
+    assert table["rows"] == rows
+    assert {(r["model"], r["method"], r["level"], r["class"]) for r in rows} == {
+        (model, method, level, class_name)
+        for model, methods in [("fal_p2p3", ["attention", "gradcam"]), ("fpn_baseline", ["gradcam"])]
+        for method in methods for level in ["p2", "p3"] for class_name in ["all", "beach"]
+    }
+    assert all(r["num_images"] == (3 if r["class"] == "all" else 1) for r in rows)  # classes in turn
+    assert all(r["deletion_auc"] is None for r in rows)  # --auc-steps 0
+    markdown = (output / "layer_analysis.md").read_text()
+    assert "| fal_p2p3 " in markdown and "Average Drop %" in markdown
+    assert (output / "layer_analysis.csv").read_text().splitlines()[0].startswith("model,method,level,class")
+    for name in ["grid_attention.png", "grid_gradcam.png", "fpn_baseline/grid_gradcam.png"]:
+        with Image.open(output / name) as image:
+            image.verify()
+
+    with pytest.raises(ValueError, match="--class-name 'desert' is not a class"):
+        _load_tool().main(["--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
+                           "--dataset", DATASET, "--class-name", "desert", "--output", str(output), *opts])

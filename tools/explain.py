@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Layer analysis of a trained classifier: explanation quality per saliency method and level.
+
+This is the paper's Table 1: Average Drop % and Increase in Confidence % (Grad-CAM++), plus RISE
+deletion/insertion AUC, for every explained level, over all classes and for one chosen class.
+
+    python tools/explain.py --config-file configs/fpn_baseline.yaml \\
+        --weights output/fpn_baseline/model_final.pth --class-name airplane \\
+        --output output/fpn_baseline/layer_analysis
+    python tools/explain.py --config-file configs/fal_p2p3.yaml --weights output/fal/model_final.pth \\
+        --compare-config configs/fpn_baseline.yaml --compare-weights output/fpn/model_final.pth \\
+        --output output/fal_vs_fpn
+
+Writes to --output: ``layer_analysis.md``, ``.csv`` and ``.json`` (the table), ``grid_<method>.png``
+(heatmaps, the two models side by side with --compare-config) and, in one subfolder per model, the
+outputs of :class:`fal_d2.evaluation.ExplanationEvaluator` (``explanation_metrics.json`` with
+every class, heatmap overlays, grids).
+"""
+import argparse
+import csv
+import io
+import itertools
+import logging
+import os
+import sys
+from collections import defaultdict
+
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+import fal_d2  # noqa: F401  (registers the model parts)
+import fal_d2.data  # noqa: F401  (registers the UC Merced datasets)
+from fal_d2.config import add_fal_config
+from fal_d2.data import ClassificationDatasetMapper
+from fal_d2.evaluation import ExplanationEvaluator
+from fal_d2.explain import SALIENCY_METHODS
+from fal_d2.explain.visualize import explanation_grid, save_grid_figure
+from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger("fal_d2.tools.explain")
+
+# (row key, Markdown/CSV column title, number format)
+TABLE_COLUMNS = [
+    ("model", "model", "s"),
+    ("method", "method", "s"),
+    ("level", "level", "s"),
+    ("class", "class", "s"),
+    ("average_drop", "Average Drop % (lower is better)", ".2f"),
+    ("increase_in_confidence", "Increase in Confidence % (higher is better)", ".2f"),
+    ("deletion_auc", "Deletion AUC (lower is better)", ".4f"),
+    ("insertion_auc", "Insertion AUC (higher is better)", ".4f"),
+    ("num_images", "images", "d"),
+]
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--weights", help="checkpoint of the model (default: MODEL.WEIGHTS)")
+    parser.add_argument("--dataset", help="registered dataset (default: DATASETS.TEST[0])")
+    parser.add_argument("--class-name", help="one class reported beside all classes, e.g. airplane")
+    parser.add_argument("--methods", nargs="+", choices=sorted(SALIENCY_METHODS),
+                        help="saliency methods (default: TEST.EXPLAIN.METHODS)")
+    parser.add_argument("--levels", nargs="+", help="levels to explain (default: TEST.EXPLAIN.LEVELS)")
+    parser.add_argument("--target", choices=["pred", "gt"],
+                        help="class explained (default: TEST.EXPLAIN.TARGET)")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("--max-images", type=int,
+                        help="explain at most N images, taken in turn from each class")
+    parser.add_argument("--vis-per-class", type=int,
+                        help="images per class in the heatmap grids (default: TEST.EXPLAIN.VIS_PER_CLASS)")
+    parser.add_argument("--auc-steps", type=int, default=16,
+                        help="steps of the deletion/insertion curves; 0 skips them (default: 16)")
+    parser.add_argument("--compare-config", metavar="FILE", help="a second model, shown side by side")
+    parser.add_argument("--compare-weights", help="checkpoint of the second model")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides (KEY VALUE ...), applied to both models")
+    return parser
+
+
+def setup_cfg(config_file, weights, args):
+    cfg = get_cfg()
+    add_fal_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(args.opts)
+    if weights:
+        cfg.MODEL.WEIGHTS = weights
+    for key, value in [("METHODS", args.methods), ("LEVELS", args.levels), ("TARGET", args.target),
+                       ("VIS_PER_CLASS", args.vis_per_class)]:
+        if value is not None:
+            cfg.TEST.EXPLAIN[key] = value
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on the CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def load_model(cfg, config_file):
+    model = build_model(cfg)
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        logger.warning(f"{config_file}: no weights (--weights or MODEL.WEIGHTS): explaining a "
+                       f"randomly initialised model")
+    elif "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--weights/MODEL.WEIGHTS: {weights}: no such file")
+    else:
+        DetectionCheckpointer(model).load(weights)
+    return model.eval()
+
+
+def select_images(dataset_dicts, max_images):
+    """At most ``max_images`` dicts, taken in turn from each class so that every class is present."""
+    if max_images is None or max_images >= len(dataset_dicts):
+        return list(dataset_dicts)
+    if max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {max_images}")
+    by_class = defaultdict(list)
+    for record in dataset_dicts:
+        by_class[record["label"]].append(record)
+    in_turn = (
+        record
+        for group in itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
+        for record in group
+        if record is not None
+    )
+    return list(itertools.islice(in_turn, max_images))
+
+
+def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label, auc_steps):
+    """Run an ExplanationEvaluator over the images; returns it, evaluated."""
+    loader = build_detection_test_loader(
+        dataset_dicts,
+        mapper=ClassificationDatasetMapper(cfg, is_train=False),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
+    evaluator = ExplanationEvaluator.from_config(
+        cfg, dataset_name, model, output_dir=output_dir, distributed=False, auc_steps=auc_steps
+    )
+    evaluator.reset()
+    for inputs in tqdm(loader, total=len(dataset_dicts), desc=f"explaining {label}", unit="img"):
+        evaluator.process(inputs, None)
+    evaluator.evaluate()
+    return evaluator
+
+
+def write_table(rows, output_dir, dataset_name, class_name):
+    """The table as Markdown, CSV and JSON (atomically)."""
+    keys = [key for key, _, _ in TABLE_COLUMNS]
+    titles = [title for _, title, _ in TABLE_COLUMNS]
+
+    def formatted(row):
+        return ["" if row[key] is None else format(row[key], spec) for key, _, spec in TABLE_COLUMNS]
+
+    title = f"Explanation quality on '{dataset_name}'" + (f" (class {class_name!r} and all)" if class_name else "")
+    markdown = f"# {title}\n\n" + tabulate([formatted(row) for row in rows], headers=titles,
+                                          tablefmt="github", disable_numparse=True) + "\n"
+    atomic_write_text(os.path.join(output_dir, "layer_analysis.md"), markdown)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(keys)
+    writer.writerows([["" if row[key] is None else row[key] for key in keys] for row in rows])
+    atomic_write_text(os.path.join(output_dir, "layer_analysis.csv"), buffer.getvalue())
+    atomic_write_json(os.path.join(output_dir, "layer_analysis.json"),
+                      {"dataset": dataset_name, "class_name": class_name, "rows": rows})
+    return markdown
+
+
+def write_grids(models, output_dir, dataset_name):
+    """One grid per method: the input, then each model's heatmaps of that method."""
+    methods = dict.fromkeys(method for _, evaluator in models for method in evaluator.method_levels)
+    paths = []
+    for method in methods:
+        having = [(label, e) for label, e in models if method in e.method_levels and e.samples]
+        if not having:
+            continue
+        rows, columns, row_labels = explanation_grid(
+            [(label, e.samples) for label, e in having], method,
+            [e.method_levels[method] for _, e in having],
+        )
+        path = os.path.join(output_dir, f"grid_{method}.png")
+        save_grid_figure(rows, columns, path, row_labels=row_labels,
+                         title=f"{method} on '{dataset_name}': " + " vs ".join(l for l, _ in having))
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="fal_d2")
+    if args.compare_weights and not args.compare_config:
+        raise ValueError("--compare-weights needs --compare-config")
+    configs = [(args.config_file, args.weights)]
+    if args.compare_config:
+        configs.append((args.compare_config, args.compare_weights))
+    cfgs = [setup_cfg(config_file, weights, args) for config_file, weights in configs]
+
+    dataset_name = args.dataset or cfgs[0].DATASETS.TEST[0]
+    if dataset_name not in DatasetCatalog.list():
+        raise ValueError(f"--dataset: {dataset_name!r} is not a registered dataset")
+    class_names = list(MetadataCatalog.get(dataset_name).thing_classes)
+    if args.class_name is not None and args.class_name not in class_names:
+        raise ValueError(f"--class-name {args.class_name!r} is not a class of '{dataset_name}': {class_names}")
+    dataset_dicts = select_images(DatasetCatalog.get(dataset_name), args.max_images)
+    os.makedirs(args.output, exist_ok=True)
+
+    models, rows = [], []
+    for (config_file, _), cfg in zip(configs, cfgs):
+        label = os.path.splitext(os.path.basename(config_file))[0]
+        if any(label == other for other, _ in models):
+            label += "_compare"
+        evaluator = explain_model(cfg, load_model(cfg, config_file), dataset_name, dataset_dicts,
+                                  os.path.join(args.output, label), label, args.auc_steps)
+        models.append((label, evaluator))
+        rows += [dict(model=label, **row) for row in evaluator.rows
+                 if row["class"] in ("all", args.class_name)]
+
+    print(write_table(rows, args.output, dataset_name, args.class_name))
+    paths = write_grids(models, args.output, dataset_name)
+    print("Outputs:\n" + "\n".join(
+        f"  {os.path.join(args.output, name)}"
+        for name in ["layer_analysis.md", "layer_analysis.csv", "layer_analysis.json"]
+        + [os.path.relpath(p, args.output) for p in paths] + [label for label, _ in models]
+    ))
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"tools/explain.py: error: {e.args[0] if e.args else e}")
