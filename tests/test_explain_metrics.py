@@ -91,7 +91,8 @@ def test_explanation_images_multiply_in_pixel_space():
 def test_ranked_pixel_masks_follow_saliency_order():
     saliency = torch.tensor([[0.1, 0.4], [0.3, 0.2]])
     masks = ranked_pixel_masks(saliency, steps=4)
-    expected = [[[0, 0], [0, 0]], [[0, 1], [0, 0]], [[0, 1], [1, 0]], [[0, 1], [1, 1]], [[1, 1], [1, 1]]]
+    expected = [[[0, 0], [0, 0]], [[0, 1], [0, 0]], [[0, 1], [1, 0]], [[0, 1], [1, 1]],
+                [[1, 1], [1, 1]]]
     assert torch.equal(masks, torch.tensor(expected, dtype=torch.float32))
     assert ranked_pixel_masks(saliency, steps=2).sum(dim=(1, 2)).tolist() == [0, 2, 4]
 

@@ -32,7 +32,7 @@ ROW_KEYS = ["method", "level", "class", "average_drop", "increase_in_confidence"
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """On shared busy cores, torch's intra-op threads wait on each other: 1 thread is 5-30x faster."""
+    """Intra-op threads wait on each other on busy shared cores: 1 thread is much faster."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -100,7 +100,8 @@ def test_metrics_rows_and_files(records, tmp_path):
     assert results["gradcam/p4/average_drop"] == pytest.approx(direct.drop.mean(), rel=1e-4)
     assert results["gradcam/p4/increase_in_confidence"] == pytest.approx(direct.increase.mean())
     assert results["gradcam/p4/deletion_auc"] == pytest.approx(direct.deletion_auc.mean(), rel=1e-4)
-    assert results["gradcam/p4/insertion_auc"] == pytest.approx(direct.insertion_auc.mean(), rel=1e-4)
+    assert results["gradcam/p4/insertion_auc"] == pytest.approx(direct.insertion_auc.mean(),
+                                                                 rel=1e-4)
 
     written = json.loads((tmp_path / "explanation_metrics.json").read_text())
     assert written["dataset"] == DATASET and written["target"] == "pred"
@@ -140,11 +141,13 @@ def test_method_and_level_checks(records, caplog):
 
 def test_from_config_and_ground_truth_target(records, tmp_path):
     cfg = _cfg("fal_p2p3.yaml", "TEST.EXPLAIN.METHODS", ["gradcam"], "TEST.EXPLAIN.LEVELS", ["p3"],
-               "TEST.EXPLAIN.TARGET", "gt", "TEST.EXPLAIN.VIS_PER_CLASS", 2, "OUTPUT_DIR", str(tmp_path))
+               "TEST.EXPLAIN.TARGET", "gt", "TEST.EXPLAIN.VIS_PER_CLASS", 2,
+               "OUTPUT_DIR", str(tmp_path))
     evaluator = ExplanationEvaluator.from_config(cfg, DATASET, _model(cfg), auc_steps=0)
     results = _evaluate(evaluator, _inputs(cfg, records))["explanation"]
     assert list(results) == ["gradcam/p3/average_drop", "gradcam/p3/increase_in_confidence"]
-    assert [(s.class_name, s.target_name) for s in evaluator.samples] == [(c, c) for c in CLASSES for _ in "ab"]
+    explained = [(s.class_name, s.target_name) for s in evaluator.samples]
+    assert explained == [(c, c) for c in CLASSES for _ in range(2)]
     written = json.loads((tmp_path / "explain" / "explanation_metrics.json").read_text())
     assert written["rows"][0]["deletion_auc"] is None and written["auc_steps"] == 0
 
@@ -205,12 +208,13 @@ def test_two_gloo_processes_match_one(records, tmp_path):
     )
     gathered_rows = json.loads((tmp_path / "explanation_metrics.json").read_text())["rows"]
     single_rows = json.loads((single_dir / "explanation_metrics.json").read_text())["rows"]
-    assert [row["num_images"] for row in gathered_rows] == [row["num_images"] for row in single_rows]
+    assert [r["num_images"] for r in gathered_rows] == [r["num_images"] for r in single_rows]
     assert sorted(os.listdir(tmp_path / "heatmaps/gradcam/p3")) == [f"{c}_0.png" for c in CLASSES]
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("explain_tool", os.path.join(REPO_ROOT, "tools", "explain.py"))
+    path = os.path.join(REPO_ROOT, "tools", "explain.py")
+    spec = importlib.util.spec_from_file_location("explain_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -222,7 +226,8 @@ def test_explain_tool_end_to_end(records, tmp_path):
     output = tmp_path / "analysis"
     opts = [str(value) for value in TINY_OVERRIDES + SMALL_OPTS]
     rows = _load_tool().main([
-        "--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"), "--weights", str(weights),
+        "--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
+        "--weights", str(weights),
         "--compare-config", os.path.join(REPO_ROOT, "configs", "fpn_baseline.yaml"),
         "--dataset", DATASET, "--class-name", "beach", "--methods", "attention", "gradcam",
         "--levels", "p2", "p3", "--max-images", "3", "--auc-steps", "0", "--vis-per-class", "1",
@@ -237,18 +242,22 @@ def test_explain_tool_end_to_end(records, tmp_path):
     assert table["rows"] == rows
     assert {(r["model"], r["method"], r["level"], r["class"]) for r in rows} == {
         (model, method, level, class_name)
-        for model, methods in [("fal_p2p3", ["attention", "gradcam"]), ("fpn_baseline", ["gradcam"])]
+        for model, methods in [("fal_p2p3", ["attention", "gradcam"]),
+                               ("fpn_baseline", ["gradcam"])]
         for method in methods for level in ["p2", "p3"] for class_name in ["all", "beach"]
     }
-    assert all(r["num_images"] == (3 if r["class"] == "all" else 1) for r in rows)  # classes in turn
+    # --max-images 3 takes one image of each class in turn
+    assert all(r["num_images"] == (3 if r["class"] == "all" else 1) for r in rows)
     assert all(r["deletion_auc"] is None for r in rows)  # --auc-steps 0
     markdown = (output / "layer_analysis.md").read_text()
     assert "| fal_p2p3 " in markdown and "Average Drop %" in markdown
-    assert (output / "layer_analysis.csv").read_text().splitlines()[0].startswith("model,method,level,class")
+    csv_header = (output / "layer_analysis.csv").read_text().splitlines()[0]
+    assert csv_header.startswith("model,method,level,class")
     for name in ["grid_attention.png", "grid_gradcam.png", "fpn_baseline/grid_gradcam.png"]:
         with Image.open(output / name) as image:
             image.verify()
 
     with pytest.raises(ValueError, match="--class-name 'desert' is not a class"):
         _load_tool().main(["--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
-                           "--dataset", DATASET, "--class-name", "desert", "--output", str(output), *opts])
+                           "--dataset", DATASET, "--class-name", "desert",
+                           "--output", str(output), *opts])

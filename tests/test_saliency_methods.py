@@ -20,7 +20,7 @@ ABN_OPTS = ("MODEL.RESNETS.OUT_FEATURES", ["res4", "res5"])
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """On shared busy cores, torch's intra-op threads wait on each other: 1 thread is 5-30x faster."""
+    """Intra-op threads wait on each other on busy shared cores: 1 thread is much faster."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -85,7 +85,8 @@ def test_gradcam_and_gradcampp_match_direct_formulas(tiny_cfg, config, opts, lev
         for n, k in np.ndindex(*weights.shape):
             gk, ak = g[n, k], a[n, k]
             denominator = 2 * gk**2 + ak.sum() * gk**3
-            alpha = np.where(denominator != 0, gk**2 / np.where(denominator != 0, denominator, 1), 0)
+            safe_denominator = np.where(denominator != 0, denominator, 1)
+            alpha = np.where(denominator != 0, gk**2 / safe_denominator, 0)
             weights[n, k] = (alpha * np.maximum(gk, 0)).sum()
         expected = np.maximum(0, np.einsum("nk,nkhw->nhw", weights, a))
         positive.append(expected.max() > 0)
@@ -178,7 +179,9 @@ def test_fused_averages_normalised_levels(tiny_cfg):
     fused = FusedSaliency(model, levels)(inputs)
     gradcam = GradCAM(model, levels)(inputs)
     assert list(fused.maps) == ["p2+p3+p5"]
-    expected = torch.stack([normalize_saliency(gradcam.maps[level], (32, 32)) for level in levels]).mean(0)
+    expected = torch.stack(
+        [normalize_saliency(gradcam.maps[level], (32, 32)) for level in levels]
+    ).mean(0)
     assert torch.allclose(fused.maps["p2+p3+p5"], expected, atol=1e-5)
     assert 0 <= float(expected.min()) and float(expected.max()) <= 1
 
@@ -189,7 +192,8 @@ def test_plain_fpn_and_abn_models(tiny_cfg):
     assert {level: tuple(m.shape) for level, m in saliency.maps.items()} == {
         "p2": (1, 8, 8), "p3": (1, 4, 4), "p4": (1, 2, 2), "p5": (1, 1, 1)
     }
-    with pytest.raises(ValueError, match=r"\['p2'\] have no attention branch; levels with a branch: \[\]"):
+    no_branch = r"\['p2'\] have no attention branch; levels with a branch: \[\]"
+    with pytest.raises(ValueError, match=no_branch):
         AttentionSaliency(fpn, ["p2"])
 
     abn = _model(tiny_cfg, "abn_r50.yaml", *ABN_OPTS)
@@ -201,7 +205,8 @@ def test_plain_fpn_and_abn_models(tiny_cfg):
 
 def test_unknown_levels_and_methods_are_named(tiny_cfg):
     model = _model(tiny_cfg)
-    with pytest.raises(ValueError, match=r"unknown level\(s\) \['p9'\]; the backbone produces \['p2', "):
+    unknown = r"unknown level\(s\) \['p9'\]; the backbone produces \['p2', "
+    with pytest.raises(ValueError, match=unknown):
         GradCAMPlusPlus(model, ["p2", "p9"])
     with pytest.raises(KeyError, match="unknown saliency method 'cam'"):
         build_saliency_method("cam", model, ["p2"])

@@ -7,7 +7,8 @@ deletion/insertion AUC, for every explained level, over all classes and for one 
     python tools/explain.py --config-file configs/fpn_baseline.yaml \\
         --weights output/fpn_baseline/model_final.pth --class-name airplane \\
         --output output/fpn_baseline/layer_analysis
-    python tools/explain.py --config-file configs/fal_p2p3.yaml --weights output/fal/model_final.pth \\
+    python tools/explain.py --config-file configs/fal_p2p3.yaml \\
+        --weights output/fal/model_final.pth \\
         --compare-config configs/fpn_baseline.yaml --compare-weights output/fpn/model_final.pth \\
         --output output/fal_vs_fpn
 
@@ -70,17 +71,20 @@ def get_parser():
     parser.add_argument("--class-name", help="one class reported beside all classes, e.g. airplane")
     parser.add_argument("--methods", nargs="+", choices=sorted(SALIENCY_METHODS),
                         help="saliency methods (default: TEST.EXPLAIN.METHODS)")
-    parser.add_argument("--levels", nargs="+", help="levels to explain (default: TEST.EXPLAIN.LEVELS)")
+    parser.add_argument("--levels", nargs="+",
+                        help="levels to explain (default: TEST.EXPLAIN.LEVELS)")
     parser.add_argument("--target", choices=["pred", "gt"],
                         help="class explained (default: TEST.EXPLAIN.TARGET)")
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument("--max-images", type=int,
                         help="explain at most N images, taken in turn from each class")
     parser.add_argument("--vis-per-class", type=int,
-                        help="images per class in the heatmap grids (default: TEST.EXPLAIN.VIS_PER_CLASS)")
+                        help="images per class in the heatmap grids "
+                             "(default: TEST.EXPLAIN.VIS_PER_CLASS)")
     parser.add_argument("--auc-steps", type=int, default=16,
                         help="steps of the deletion/insertion curves; 0 skips them (default: 16)")
-    parser.add_argument("--compare-config", metavar="FILE", help="a second model, shown side by side")
+    parser.add_argument("--compare-config", metavar="FILE",
+                        help="a second model, shown side by side")
     parser.add_argument("--compare-weights", help="checkpoint of the second model")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides (KEY VALUE ...), applied to both models")
@@ -119,7 +123,7 @@ def load_model(cfg, config_file):
 
 
 def select_images(dataset_dicts, max_images):
-    """At most ``max_images`` dicts, taken in turn from each class so that every class is present."""
+    """At most ``max_images`` dicts, taken in turn from each class so that all classes appear."""
     if max_images is None or max_images >= len(dataset_dicts):
         return list(dataset_dicts)
     if max_images < 1:
@@ -159,9 +163,12 @@ def write_table(rows, output_dir, dataset_name, class_name):
     titles = [title for _, title, _ in TABLE_COLUMNS]
 
     def formatted(row):
-        return ["" if row[key] is None else format(row[key], spec) for key, _, spec in TABLE_COLUMNS]
+        return ["" if row[key] is None else format(row[key], spec)
+                for key, _, spec in TABLE_COLUMNS]
 
-    title = f"Explanation quality on '{dataset_name}'" + (f" (class {class_name!r} and all)" if class_name else "")
+    title = f"Explanation quality on '{dataset_name}'"
+    if class_name:
+        title += f" (class {class_name!r} and all classes)"
     markdown = f"# {title}\n\n" + tabulate([formatted(row) for row in rows], headers=titles,
                                           tablefmt="github", disable_numparse=True) + "\n"
     atomic_write_text(os.path.join(output_dir, "layer_analysis.md"), markdown)
@@ -189,7 +196,8 @@ def write_grids(models, output_dir, dataset_name):
         )
         path = os.path.join(output_dir, f"grid_{method}.png")
         save_grid_figure(rows, columns, path, row_labels=row_labels,
-                         title=f"{method} on '{dataset_name}': " + " vs ".join(l for l, _ in having))
+                         title=f"{method} on '{dataset_name}': "
+                         + " vs ".join(label for label, _ in having))
         paths.append(path)
     return paths
 
@@ -209,7 +217,9 @@ def main(argv=None):
         raise ValueError(f"--dataset: {dataset_name!r} is not a registered dataset")
     class_names = list(MetadataCatalog.get(dataset_name).thing_classes)
     if args.class_name is not None and args.class_name not in class_names:
-        raise ValueError(f"--class-name {args.class_name!r} is not a class of '{dataset_name}': {class_names}")
+        raise ValueError(
+            f"--class-name {args.class_name!r} is not a class of '{dataset_name}': {class_names}"
+        )
     dataset_dicts = select_images(DatasetCatalog.get(dataset_name), args.max_images)
     os.makedirs(args.output, exist_ok=True)
 

@@ -3,7 +3,7 @@ import io
 import logging
 import operator
 import os
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -102,7 +102,9 @@ class ExplanationEvaluator(DatasetEvaluator):
         self._logger = logging.getLogger(__name__)
         self._explainers = self._build_explainers(model, list(methods), list(levels))
         self.method_levels = {name: method.output_levels for name, method in self._explainers}
-        self._keys = [(name, level) for name, levels in self.method_levels.items() for level in levels]
+        self._keys = [
+            (name, level) for name, levels in self.method_levels.items() for level in levels
+        ]
         self.rows: List[dict] = []
         self.samples: List[ExplanationSample] = []
         self.reset()
@@ -131,7 +133,8 @@ class ExplanationEvaluator(DatasetEvaluator):
         unknown = [name for name in methods if name not in SALIENCY_METHODS]
         if unknown:
             raise ValueError(
-                f"TEST.EXPLAIN.METHODS: unknown method(s) {unknown}; known: {sorted(SALIENCY_METHODS)}"
+                f"TEST.EXPLAIN.METHODS: unknown method(s) {unknown}; "
+                f"known: {sorted(SALIENCY_METHODS)}"
             )
         valid = list(model.backbone.output_shape())
         unknown = [level for level in levels if level not in valid]
@@ -149,7 +152,9 @@ class ExplanationEvaluator(DatasetEvaluator):
                     method_class(model, [level])
                     applicable.append(level)
                 except ValueError as e:
-                    self._logger.warning(f"[ExplanationEvaluator] skipping {name!r} on {level}: {e}")
+                    self._logger.warning(
+                        f"[ExplanationEvaluator] skipping {name!r} on {level}: {e}"
+                    )
             if applicable:
                 explainers.append((name, method_class(model, applicable)))
         return explainers
@@ -297,9 +302,10 @@ class ExplanationEvaluator(DatasetEvaluator):
                 "rows": self.rows,
             },
         )
-        index_in_class = {}
+        index_in_class = defaultdict(int)
         for sample in self.samples:
-            index = index_in_class[sample.class_name] = index_in_class.get(sample.class_name, -1) + 1
+            index = index_in_class[sample.class_name]
+            index_in_class[sample.class_name] += 1
             for (method, level), saliency in sample.maps.items():
                 folder = os.path.join(self._output_dir, "heatmaps", method, level)
                 os.makedirs(folder, exist_ok=True)

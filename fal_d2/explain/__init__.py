@@ -37,5 +37,7 @@ SALIENCY_METHODS = {
 def build_saliency_method(name: str, model: nn.Module, levels: Sequence[str]) -> SaliencyMethod:
     """The method called ``name`` in :data:`SALIENCY_METHODS`, for ``levels`` of ``model``."""
     if name not in SALIENCY_METHODS:
-        raise KeyError(f"unknown saliency method {name!r}; known methods: {sorted(SALIENCY_METHODS)}")
+        raise KeyError(
+            f"unknown saliency method {name!r}; known methods: {sorted(SALIENCY_METHODS)}"
+        )
     return SALIENCY_METHODS[name](model, levels)

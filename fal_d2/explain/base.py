@@ -130,7 +130,7 @@ class SaliencyMethod:
 
     @property
     def output_levels(self) -> List[str]:
-        """Names of the maps a call returns: the explained levels, unless a subclass combines them."""
+        """Names of the maps a call returns: the levels, unless a subclass combines them."""
         return list(self.levels)
 
     def __call__(self, batched_inputs: List[dict], target_classes=None) -> Saliency:
@@ -175,14 +175,16 @@ class SaliencyMethod:
         num_images, num_classes = logits.shape
         if target_classes is None:
             return logits.detach().argmax(dim=1)
-        targets = torch.as_tensor(target_classes, dtype=torch.int64, device=logits.device).reshape(-1)
+        targets = torch.as_tensor(target_classes, dtype=torch.int64, device=logits.device)
+        targets = targets.reshape(-1)
         if targets.numel() != num_images:
             raise ValueError(
                 f"{type(self).__name__}: {targets.numel()} target classes for {num_images} images"
             )
         if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < num_classes):
             raise ValueError(
-                f"{type(self).__name__}: target classes {targets.tolist()} outside [0, {num_classes})"
+                f"{type(self).__name__}: target classes {targets.tolist()} "
+                f"outside [0, {num_classes})"
             )
         return targets
 

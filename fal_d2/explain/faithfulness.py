@@ -23,7 +23,8 @@ INSERTION_BASELINES = ("blur", "zero")
 
 def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
     """Separable Gaussian blur of (..., C, H, W) images (RISE's insertion start: 11 px, sigma 5)."""
-    offsets = torch.arange(kernel_size, dtype=torch.float32, device=images.device) - kernel_size // 2
+    offsets = torch.arange(kernel_size, dtype=torch.float32, device=images.device)
+    offsets = offsets - kernel_size // 2
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     shape = images.shape
@@ -34,7 +35,9 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.
     return x.reshape(shape)
 
 
-def predict_scores(model: nn.Module, images: Sequence[torch.Tensor], chunk_size: int = 32) -> torch.Tensor:
+def predict_scores(
+    model: nn.Module, images: Sequence[torch.Tensor], chunk_size: int = 32
+) -> torch.Tensor:
     """
     (T, K) softmax scores of the model, in eval mode and without gradients, for pixel-space CHW
     images (any dtype); run ``chunk_size`` images at a time to bound memory.
@@ -42,8 +45,10 @@ def predict_scores(model: nn.Module, images: Sequence[torch.Tensor], chunk_size:
     scores = []
     with explanation_mode(model), torch.no_grad():
         for start in range(0, len(images), chunk_size):
-            chunk = images[start : start + chunk_size]
-            inputs = [{"image": image, "height": image.shape[-2], "width": image.shape[-1]} for image in chunk]
+            inputs = [
+                {"image": image, "height": image.shape[-2], "width": image.shape[-1]}
+                for image in images[start : start + chunk_size]
+            ]
             scores.extend(output["scores"] for output in model(inputs))
     return torch.stack(scores)
 
@@ -79,5 +84,7 @@ def deletion_insertion_aucs(
         score_fn = functools.partial(_target_probability, model, int(target))
         baseline = gaussian_blur(image) if insertion_baseline == "blur" else torch.zeros_like(image)
         deletion.append(curve_auc(deletion_scores(score_fn, image, saliency_map, steps)))
-        insertion.append(curve_auc(insertion_scores(score_fn, image, saliency_map, baseline, steps)))
+        insertion.append(
+            curve_auc(insertion_scores(score_fn, image, saliency_map, baseline, steps))
+        )
     return np.asarray(deletion, dtype=np.float64), np.asarray(insertion, dtype=np.float64)

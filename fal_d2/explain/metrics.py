@@ -56,7 +56,8 @@ def normalize_saliency(
     flat = resized.flatten(1)
     low = flat.min(dim=1, keepdim=True).values
     span = flat.max(dim=1, keepdim=True).values - low
-    normalized = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    safe_span = span.clamp_min(torch.finfo(flat.dtype).tiny)
+    normalized = torch.where(span > 0, (flat - low) / safe_span, 0.0)
     return normalized.view_as(resized)
 
 
@@ -79,11 +80,14 @@ def explanation_images(images: torch.Tensor, saliency: torch.Tensor) -> torch.Te
     return images.float() * saliency.to(images.device, torch.float32).unsqueeze(-3)
 
 
+def _as_float64(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().double().numpy()
+    return np.asarray(values, np.float64)
+
+
 def _confidences(y, o) -> Tuple[np.ndarray, np.ndarray]:
-    y, o = (
-        v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, np.float64)
-        for v in (y, o)
-    )
+    y, o = _as_float64(y), _as_float64(o)
     if y.ndim != 1 or y.shape != o.shape:
         raise ValueError(
             f"Y and O must be 1-D with one confidence per image, got shapes {y.shape} and {o.shape}"
@@ -194,9 +198,7 @@ def curve_auc(scores):
     Area under curves sampled at equally spaced fractions 0, 1/T, ..., 1 of pixels (trapezoid
     rule). ``scores`` is (T + 1,) or (N, T + 1); returns a float or an (N,) array.
     """
-    scores = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(
-        scores, np.float64
-    )
+    scores = _as_float64(scores)
     if scores.ndim not in (1, 2) or scores.shape[-1] < 2:
         raise ValueError(f"scores must be (T + 1,) or (N, T + 1) with T >= 1, got {scores.shape}")
     steps = scores.shape[-1] - 1

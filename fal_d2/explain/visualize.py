@@ -33,7 +33,8 @@ class ExplanationSample:
     image: np.ndarray  # (h, w, 3) uint8 RGB, downscaled
     class_name: str  # ground truth
     target_name: str  # explained class
-    maps: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)  # (method, level) -> (h, w) uint8, 255 = 1
+    # (method, level) -> (h, w) uint8 saliency, 255 standing for 1
+    maps: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)
     drop: Dict[Tuple[str, str], float] = field(default_factory=dict)  # per-image Average Drop %
     increase: Dict[Tuple[str, str], bool] = field(default_factory=dict)  # O > Y
 
@@ -93,7 +94,8 @@ def save_grid_figure(
                 ax.axis("off")
             else:
                 ax.imshow(image)
-            ax.set_title("\n".join(filter(None, [columns[c] if r == 0 else "", caption])), fontsize=7)
+            header = columns[c] if r == 0 else ""
+            ax.set_title("\n".join(filter(None, [header, caption])), fontsize=7)
         if row_labels is not None:
             axes[r][0].set_ylabel(row_labels[r], fontsize=7)
     if title:
