@@ -63,7 +63,7 @@ TABLE_COLUMNS = [
 
 def get_parser():
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--weights", help="checkpoint of the model (default: MODEL.WEIGHTS)")
