@@ -1,0 +1,93 @@
+"""What FAL detectors add to a Detectron2 detector: an image-level attention loss and output maps.
+
+A detection image has several classes, so each attention branch is trained as a multi-label
+classifier: binary cross-entropy of its (N, K) logits against which of the K detection classes
+appear among the image's ground-truth instances. FALRCNN and FALRetinaNet share this module.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from detectron2.structures import ImageList, Instances
+
+from .attention_branch import AttentionOutput
+from .map_resize import level_map_to_image
+
+__all__ = [
+    "check_detection_attention_config",
+    "multi_hot_targets",
+    "attention_losses",
+    "add_attention_maps",
+]
+
+
+def check_detection_attention_config(cfg, backbone, num_classes_key: str, num_classes: int):
+    """
+    Fail at build time, naming the keys, when attention branches cannot be trained as asked:
+    their K (MODEL.CLS_HEAD.NUM_CLASSES) must be the detector's class count, and the backbone must
+    have built a branch on every level of MODEL.FAL.ATTENTION_LEVELS.
+    """
+    levels = list(cfg.MODEL.FAL.ATTENTION_LEVELS)
+    if not levels:
+        return
+    if cfg.MODEL.CLS_HEAD.NUM_CLASSES != num_classes:
+        raise ValueError(
+            f"MODEL.CLS_HEAD.NUM_CLASSES={cfg.MODEL.CLS_HEAD.NUM_CLASSES} must equal "
+            f"{num_classes_key}={num_classes}: attention branches classify the detection classes"
+        )
+    branches = getattr(backbone, "attention_branches", {})
+    if sorted(branches) != sorted(levels):
+        raise ValueError(
+            f"MODEL.FAL.ATTENTION_LEVELS={levels} but backbone {cfg.MODEL.BACKBONE.NAME} has "
+            f"attention branches on {sorted(branches)}; use a FAL backbone such as "
+            f"build_fal_resnet_fpn_backbone"
+        )
+
+
+def multi_hot_targets(gt_instances: List[Instances], num_classes: int) -> torch.Tensor:
+    """(N, K) float targets: 1 where class k has at least one ground-truth instance in image n."""
+    targets = torch.zeros(len(gt_instances), num_classes)
+    for i, instances in enumerate(gt_instances):
+        targets[i, instances.gt_classes.cpu()] = 1.0
+    return targets
+
+
+def attention_losses(
+    attention: Dict[str, AttentionOutput], gt_instances: List[Instances], weight: float
+) -> Dict[str, torch.Tensor]:
+    """``{"loss_att_<level>": weight * BCE(logits, multi-hot targets)}``, averaged over N and K."""
+    if not attention:
+        return {}
+    logits = next(iter(attention.values())).logits
+    targets = multi_hot_targets(gt_instances, logits.shape[1]).to(logits.device)
+    return {
+        f"loss_att_{level}": weight
+        * F.binary_cross_entropy_with_logits(output.logits.float(), targets)
+        for level, output in attention.items()
+    }
+
+
+def add_attention_maps(
+    results: List[Dict],
+    attention: Dict[str, AttentionOutput],
+    batched_inputs: List[Dict],
+    images: ImageList,
+) -> List[Dict]:
+    """
+    Add ``"attention": {level: (H, W) map in [0, 1]}`` to each image's output, at the image's
+    original size (its "height"/"width" inputs, as Detectron2 uses for the instances). Without
+    attention levels, ``results`` is returned unchanged, as the plain detector's outputs.
+    """
+    if not attention:
+        return results
+    padded_size = tuple(images.tensor.shape[-2:])
+    for i, (result, inputs, image_size) in enumerate(
+        zip(results, batched_inputs, images.image_sizes)
+    ):
+        output_size = (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
+        result["attention"] = {
+            level: level_map_to_image(output.attention[i, 0], padded_size, image_size, output_size)
+            for level, output in attention.items()
+        }
+    return results
