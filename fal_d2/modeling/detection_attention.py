@@ -24,24 +24,22 @@ __all__ = [
 
 def check_detection_attention_config(cfg, backbone, num_classes_key: str, num_classes: int):
     """
-    Fail at build time, naming the keys, when attention branches cannot be trained as asked:
-    their K (MODEL.CLS_HEAD.NUM_CLASSES) must be the detector's class count, and the backbone must
-    have built a branch on every level of MODEL.FAL.ATTENTION_LEVELS.
+    Fail at build time, naming the keys, when attention branches cannot be trained as asked: the
+    backbone must have built a branch on every level of MODEL.FAL.ATTENTION_LEVELS, and the
+    branches' K (MODEL.CLS_HEAD.NUM_CLASSES) must be the detector's class count.
     """
-    levels = list(cfg.MODEL.FAL.ATTENTION_LEVELS)
-    if not levels:
-        return
-    if cfg.MODEL.CLS_HEAD.NUM_CLASSES != num_classes:
+    levels = sorted(cfg.MODEL.FAL.ATTENTION_LEVELS)
+    branches = sorted(getattr(backbone, "attention_branches", {}))
+    if levels and levels != branches:
+        raise ValueError(
+            f"MODEL.FAL.ATTENTION_LEVELS={levels} but backbone {cfg.MODEL.BACKBONE.NAME} has "
+            f"attention branches on {branches}; use a FAL backbone such as "
+            f"build_fal_resnet_fpn_backbone"
+        )
+    if branches and cfg.MODEL.CLS_HEAD.NUM_CLASSES != num_classes:
         raise ValueError(
             f"MODEL.CLS_HEAD.NUM_CLASSES={cfg.MODEL.CLS_HEAD.NUM_CLASSES} must equal "
             f"{num_classes_key}={num_classes}: attention branches classify the detection classes"
-        )
-    branches = getattr(backbone, "attention_branches", {})
-    if sorted(branches) != sorted(levels):
-        raise ValueError(
-            f"MODEL.FAL.ATTENTION_LEVELS={levels} but backbone {cfg.MODEL.BACKBONE.NAME} has "
-            f"attention branches on {sorted(branches)}; use a FAL backbone such as "
-            f"build_fal_resnet_fpn_backbone"
         )
 
 
