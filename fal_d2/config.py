@@ -37,7 +37,9 @@ def add_fal_config(cfg):
     cfg.TEST.EXPLAIN.LEVELS = ["p2", "p3", "p4", "p5"]  # pyramid levels to explain
     cfg.TEST.EXPLAIN.TARGET = "pred"  # class explained: "pred" (predicted) or "gt" (ground truth)
     cfg.TEST.EXPLAIN.VIS_PER_CLASS = 2  # images per class drawn as heatmaps in the grid figure and report
-    cfg.TEST.EXPLAIN.OUTPUT_DIR = ""  # where heatmaps, grids and the report go; "" = OUTPUT_DIR/explain
+    cfg.TEST.EXPLAIN.OUTPUT_DIR = ""  # heatmaps, grids, metrics and report go to <this>/<dataset>; "" = OUTPUT_DIR/explain
+    cfg.TEST.EXPLAIN.AUC_STEPS = 16  # steps of the RISE deletion/insertion curves; 0 skips them (2*(steps+1) forwards/image)
+    cfg.TEST.EXPLAIN.INSERTION_BASELINE = "blur"  # image the insertion curve starts from: "blur" (RISE) or "zero"
 
 
 def check_config_against_datasets(cfg):

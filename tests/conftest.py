@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 from detectron2.config import get_cfg
 
@@ -35,3 +36,13 @@ def make_tiny_cfg(config_name="fal_p2p3.yaml", *opts):
 @pytest.fixture
 def tiny_cfg():
     return make_tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's many small model calls on one intra-op thread: on 2 cores shared with
+    DataLoader workers or gloo processes, threads mostly wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -30,13 +30,7 @@ ROW_KEYS = ["method", "level", "class", "average_drop", "increase_in_confidence"
             "insertion_auc", "num_images"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads wait on each other on busy shared cores: 1 thread is much faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _register_dataset(root):
@@ -142,13 +136,13 @@ def test_method_and_level_checks(records, caplog):
 def test_from_config_and_ground_truth_target(records, tmp_path):
     cfg = _cfg("fal_p2p3.yaml", "TEST.EXPLAIN.METHODS", ["gradcam"], "TEST.EXPLAIN.LEVELS", ["p3"],
                "TEST.EXPLAIN.TARGET", "gt", "TEST.EXPLAIN.VIS_PER_CLASS", 2,
-               "OUTPUT_DIR", str(tmp_path))
-    evaluator = ExplanationEvaluator.from_config(cfg, DATASET, _model(cfg), auc_steps=0)
+               "TEST.EXPLAIN.AUC_STEPS", 0, "OUTPUT_DIR", str(tmp_path))
+    evaluator = ExplanationEvaluator.from_config(cfg, DATASET, _model(cfg))
     results = _evaluate(evaluator, _inputs(cfg, records))["explanation"]
     assert list(results) == ["gradcam/p3/average_drop", "gradcam/p3/increase_in_confidence"]
     explained = [(s.class_name, s.target_name) for s in evaluator.samples]
     assert explained == [(c, c) for c in CLASSES for _ in range(2)]
-    written = json.loads((tmp_path / "explain" / "explanation_metrics.json").read_text())
+    written = json.loads((tmp_path / "explain" / DATASET / "explanation_metrics.json").read_text())
     assert written["rows"][0]["deletion_auc"] is None and written["auc_steps"] == 0
 
 

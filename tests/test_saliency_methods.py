@@ -18,13 +18,7 @@ from fal_d2.explain.metrics import normalize_saliency
 ABN_OPTS = ("MODEL.RESNETS.OUT_FEATURES", ["res4", "res5"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads wait on each other on busy shared cores: 1 thread is much faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(tiny_cfg, config="fal_p2p3.yaml", *opts, seed=0):

@@ -81,8 +81,9 @@ def get_parser():
     parser.add_argument("--vis-per-class", type=int,
                         help="images per class in the heatmap grids "
                              "(default: TEST.EXPLAIN.VIS_PER_CLASS)")
-    parser.add_argument("--auc-steps", type=int, default=16,
-                        help="steps of the deletion/insertion curves; 0 skips them (default: 16)")
+    parser.add_argument("--auc-steps", type=int,
+                        help="steps of the deletion/insertion curves; 0 skips them "
+                             "(default: TEST.EXPLAIN.AUC_STEPS)")
     parser.add_argument("--compare-config", metavar="FILE",
                         help="a second model, shown side by side")
     parser.add_argument("--compare-weights", help="checkpoint of the second model")
@@ -99,7 +100,7 @@ def setup_cfg(config_file, weights, args):
     if weights:
         cfg.MODEL.WEIGHTS = weights
     for key, value in [("METHODS", args.methods), ("LEVELS", args.levels), ("TARGET", args.target),
-                       ("VIS_PER_CLASS", args.vis_per_class)]:
+                       ("VIS_PER_CLASS", args.vis_per_class), ("AUC_STEPS", args.auc_steps)]:
         if value is not None:
             cfg.TEST.EXPLAIN[key] = value
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -140,7 +141,7 @@ def select_images(dataset_dicts, max_images):
     return list(itertools.islice(in_turn, max_images))
 
 
-def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label, auc_steps):
+def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label):
     """Run an ExplanationEvaluator over the images; returns it, evaluated."""
     loader = build_detection_test_loader(
         dataset_dicts,
@@ -148,7 +149,7 @@ def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label, au
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
     evaluator = ExplanationEvaluator.from_config(
-        cfg, dataset_name, model, output_dir=output_dir, distributed=False, auc_steps=auc_steps
+        cfg, dataset_name, model, output_dir=output_dir, distributed=False
     )
     evaluator.reset()
     for inputs in tqdm(loader, total=len(dataset_dicts), desc=f"explaining {label}", unit="img"):
@@ -229,7 +230,7 @@ def main(argv=None):
         if any(label == other for other, _ in models):
             label += "_compare"
         evaluator = explain_model(cfg, load_model(cfg, config_file), dataset_name, dataset_dicts,
-                                  os.path.join(args.output, label), label, args.auc_steps)
+                                  os.path.join(args.output, label), label)
         models.append((label, evaluator))
         rows += [dict(model=label, **row) for row in evaluator.rows
                  if row["class"] in ("all", args.class_name)]

@@ -110,13 +110,16 @@ class ExplanationEvaluator(DatasetEvaluator):
         self.reset()
 
     @classmethod
-    def from_config(cls, cfg, dataset_name, model, output_dir=None, distributed=True, auc_steps=16):
+    def from_config(cls, cfg, dataset_name, model, output_dir=None, distributed=True):
         """
         An evaluator configured by ``cfg.TEST.EXPLAIN`` (returns the instance, unlike Detectron2's
-        ``@configurable`` ``from_config``). ``output_dir`` defaults to ``TEST.EXPLAIN.OUTPUT_DIR``,
-        else ``OUTPUT_DIR/explain``.
+        ``@configurable`` ``from_config``). ``output_dir`` defaults to
+        ``<TEST.EXPLAIN.OUTPUT_DIR or OUTPUT_DIR/explain>/<dataset_name>``.
         """
         explain = cfg.TEST.EXPLAIN
+        if output_dir is None:
+            root = explain.OUTPUT_DIR or os.path.join(cfg.OUTPUT_DIR, "explain")
+            output_dir = os.path.join(root, dataset_name)
         return cls(
             dataset_name,
             model,
@@ -124,9 +127,10 @@ class ExplanationEvaluator(DatasetEvaluator):
             levels=explain.LEVELS,
             target=explain.TARGET,
             vis_per_class=explain.VIS_PER_CLASS,
-            output_dir=output_dir or explain.OUTPUT_DIR or os.path.join(cfg.OUTPUT_DIR, "explain"),
+            output_dir=output_dir,
             distributed=distributed,
-            auc_steps=auc_steps,
+            auc_steps=explain.AUC_STEPS,
+            insertion_baseline=explain.INSERTION_BASELINE,
         )
 
     def _build_explainers(self, model, methods: List[str], levels: List[str]):

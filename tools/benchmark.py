@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Cost of FAL against the plain FPN: params, FLOPs, training/inference speed, explanation cost.
+
+    python tools/benchmark.py                              # R-50 FPN, 256 px, on the CPU
+    python tools/benchmark.py --output docs/benchmark_cpu.json
+    python tools/benchmark.py --device cuda --batch-size 128 --iters 20
+
+The first config is the baseline that ratios are taken against. Synthetic inputs isolate the
+model's cost from data loading. Results go to stdout as a table and, with --output, to JSON.
+"""
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import torch
+from tabulate import tabulate
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.analysis import FlopCountAnalysis
+
+import fal_d2  # noqa: F401  (registers models)
+from fal_d2.config import add_fal_config
+from fal_d2.explain import build_saliency_method
+from fal_d2.utils.atomic_io import atomic_write_json
+
+DEFAULT_CONFIGS = ["configs/fpn_baseline.yaml", "configs/fal_p2p3.yaml", "configs/fal_all.yaml"]
+
+
+def load_cfg(config_file, device, opts):
+    cfg = get_cfg()
+    add_fal_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = device
+    return cfg
+
+
+def synthetic_batch(cfg, batch_size, device):
+    size = cfg.INPUT.CLS.SIZE
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {
+            "image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator).to(device),
+            "label": i % cfg.MODEL.CLS_HEAD.NUM_CLASSES,
+            "height": size,
+            "width": size,
+        }
+        for i in range(batch_size)
+    ]
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def images_per_second(step, batch_size, iters, warmup, device):
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return batch_size * iters / (time.perf_counter() - start)
+
+
+def count_flops(model, cfg, device):
+    """GFLOPs of one image's inference, as fvcore counts them (one fused multiply-add = one flop)."""
+    model.eval()
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, synthetic_batch(cfg, 1, device))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return analysis.total() / 1e9
+
+
+def measure_training(model, cfg, batch_size, iters, warmup, device):
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    batch = synthetic_batch(cfg, batch_size, device)
+
+    def step():
+        losses = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return images_per_second(step, batch_size, iters, warmup, device)
+
+
+def measure_inference(model, cfg, batch_size, iters, warmup, device):
+    model.eval()
+    batch = synthetic_batch(cfg, batch_size, device)
+
+    def step():
+        with torch.no_grad():
+            model(batch)
+
+    return images_per_second(step, batch_size, iters, warmup, device)
+
+
+def measure_explanation_ms(model, cfg, method, levels, batch_size, iters, warmup, device):
+    """Milliseconds per image to get ``method``'s maps for ``levels`` (None if it does not apply)."""
+    if method == "attention":
+        attended = set(getattr(model.backbone, "attention_branches", {}))
+        levels = [level for level in levels if level in attended]
+        if not levels:
+            return None
+    saliency = build_saliency_method(method, model, levels)
+    batch = synthetic_batch(cfg, batch_size, device)
+    speed = images_per_second(lambda: saliency(batch), batch_size, iters, warmup, device)
+    return 1000.0 / speed
+
+
+def benchmark(args):
+    rows = []
+    for config_file in args.configs:
+        cfg = load_cfg(config_file, args.device, args.opts)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        explain_levels = list(cfg.TEST.EXPLAIN.LEVELS)
+        row = {
+            "config": config_file,
+            "attention_levels": list(cfg.MODEL.FAL.ATTENTION_LEVELS),
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops": count_flops(model, cfg, args.device),
+            "train_img_s": measure_training(model, cfg, args.batch_size, args.iters, args.warmup, args.device),
+            "infer_img_s": measure_inference(model, cfg, args.batch_size, args.iters, args.warmup, args.device),
+        }
+        for method in ("attention", "gradcam"):
+            row[f"{method}_ms_img"] = measure_explanation_ms(
+                model, cfg, method, explain_levels, args.batch_size, args.iters, args.warmup, args.device
+            )
+        rows.append(row)
+        print(f"measured {config_file}", flush=True)
+    base = rows[0]
+    for row in rows:
+        for key in ("params_M", "gflops", "train_img_s", "infer_img_s"):
+            row[f"{key}_ratio"] = row[key] / base[key]
+        row["train_time_ratio"] = base["train_img_s"] / row["train_img_s"]
+        if row["attention_ms_img"] and row["gradcam_ms_img"]:
+            row["gradcam_over_attention"] = row["gradcam_ms_img"] / row["attention_ms_img"]
+    return rows
+
+
+def environment(args):
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "device_name": device_name or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "opts": args.opts,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="first one is the baseline")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
+    args = parser.parse_args()
+
+    rows = benchmark(args)
+    columns = ["config", "params_M", "gflops", "gflops_ratio", "train_img_s", "train_time_ratio",
+               "infer_img_s", "attention_ms_img", "gradcam_ms_img", "gradcam_over_attention"]
+    print(tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, floatfmt=".3g"))
+    if args.output:
+        atomic_write_json(args.output, {"environment": environment(args), "results": rows})
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
