@@ -42,16 +42,21 @@ def add_fal_config(cfg):
     cfg.TEST.EXPLAIN.INSERTION_BASELINE = "blur"  # image the insertion curve starts from: "blur" (RISE) or "zero"
 
 
+def _model_num_classes(cfg):
+    """(key, value) of the class count the model's classifier is built with."""
+    if cfg.MODEL.META_ARCHITECTURE in ("FALClassifier",):
+        return "MODEL.CLS_HEAD.NUM_CLASSES", cfg.MODEL.CLS_HEAD.NUM_CLASSES
+    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+        return "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
+    return "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
 def check_config_against_datasets(cfg):
-    """Fail early, naming the key, when a classifier's class count disagrees with its datasets."""
+    """Fail early, naming the key, when the model's class count disagrees with its datasets."""
     from detectron2.data import MetadataCatalog
 
-    if cfg.MODEL.META_ARCHITECTURE != "FALClassifier":
-        return
+    key, num_classes = _model_num_classes(cfg)
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != cfg.MODEL.CLS_HEAD.NUM_CLASSES:
-            raise ValueError(
-                f"MODEL.CLS_HEAD.NUM_CLASSES={cfg.MODEL.CLS_HEAD.NUM_CLASSES} but dataset "
-                f"'{name}' has {len(classes)} classes"
-            )
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f"{key}={num_classes} but dataset '{name}' has {len(classes)} classes")

@@ -213,3 +213,17 @@ def test_predictor_rejects_bad_shapes(tiny_cfg):
     predictor = FALPredictor(tiny_cfg("fal_p2p3.yaml"))
     with pytest.raises(ValueError, match="unsupported image shape"):
         predictor(np.zeros((8, 8, 2), dtype=np.uint8))
+
+
+def test_detector_num_classes_must_match_dataset(tiny_cfg):
+    name = "fal_test_three_classes"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
+    cfg = tiny_cfg("fal_p2p3.yaml", "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
+                   "MODEL.ROI_HEADS.NUM_CLASSES", 80, "DATASETS.TRAIN", (name,), "DATASETS.TEST", ())
+    with pytest.raises(ValueError, match=f"MODEL.ROI_HEADS.NUM_CLASSES=80 but dataset '{name}' has 3"):
+        check_config_against_datasets(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "FALRetinaNet"
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    check_config_against_datasets(cfg)

@@ -95,7 +95,8 @@ def print_outputs(cfg):
     paths = [os.path.join(cfg.OUTPUT_DIR, name) for name in ("metrics.json", "model_final.pth")]
     for dataset_name in cfg.DATASETS.TEST:
         folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        paths += [os.path.join(folder, "confusion_matrix.png")]
+        if os.path.isdir(folder):
+            paths += [os.path.join(folder, name) for name in sorted(os.listdir(folder))]
     paths.append(cfg.TEST.EXPLAIN.OUTPUT_DIR or os.path.join(cfg.OUTPUT_DIR, "explain"))
     print("Outputs:")
     for path in paths:
