@@ -7,6 +7,7 @@ tools/install_browser.sh once (root with apt-get only) and skips, saying why, if
 """
 
 import base64
+import html
 import json
 import os
 import select
@@ -21,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from fal_d2.evaluation.report import render_html_report, write_html_report
+from fal_d2.evaluation.report import render_html_report, write_evaluation_report, write_html_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL_SCRIPT = os.path.join(REPO_ROOT, "tools", "install_browser.sh")
@@ -200,7 +201,7 @@ def sample_report_inputs(tmp_path):
     return dict(
         title=TITLE,
         accuracy=accuracy,
-        confusion_matrix={"class_names": CLASS_NAMES, "matrix": matrix},
+        confusion_matrix={"class_names": CLASS_NAMES, "confusion_matrix": matrix},
         explanation_rows=rows,
         images=grids,
         notes=["config: configs/fal_p2p3.yaml", "checkpoint: model_final.pth"],
@@ -401,5 +402,33 @@ def test_sections_are_optional_and_bad_matrix_is_rejected(tmp_path):
     assert "Top-1 accuracy %" in text and "Confusion matrix" not in text and "<img" not in text
     with pytest.raises(ValueError, match="must be 2 x 2"):
         render_html_report(
-            title="t", confusion_matrix={"class_names": ["a", "b"], "matrix": [[1, 2]]}
+            title="t", confusion_matrix={"class_names": ["a", "b"], "confusion_matrix": [[1, 2]]}
         )
+
+
+def test_evaluation_report_is_assembled_from_evaluator_outputs(tmp_path):
+    inputs = sample_report_inputs(tmp_path)
+    inference_dir, explain_dir = tmp_path / "inference", tmp_path / "explain"
+    inference_dir.mkdir()
+    explain_dir.mkdir()
+    (inference_dir / "confusion_matrix.json").write_text(json.dumps(inputs["confusion_matrix"]))
+    (explain_dir / "explanation_metrics.json").write_text(json.dumps({"rows": inputs["explanation_rows"]}))
+    save_heatmap_grid(explain_dir / "grid_gradcam.png", 0)
+    path = tmp_path / "report.html"
+    write_evaluation_report(
+        str(path),
+        dataset_name="ucmerced_test",
+        results={"classification": inputs["accuracy"]},
+        inference_dir=str(inference_dir),
+        explain_dir=str(explain_dir),
+    )
+    page = path.read_text()
+    assert "ucmerced_test" in page and "86.67" in page
+    assert page.count("data:image/png;base64,") == 1
+    assert "Heatmaps: gradcam" in page
+    for name in CLASS_NAMES:
+        assert html.escape(name) in page
+    # Without an explanation folder the accuracy part still renders.
+    write_evaluation_report(str(path), dataset_name="d", results={"classification": inputs["accuracy"]},
+                            inference_dir=str(inference_dir), explain_dir=str(tmp_path / "none"))
+    assert "data:image/png" not in path.read_text()

@@ -68,6 +68,9 @@ def test_train_then_eval_only(tmp_path, mini_datasets):
     assert "loss_att_p2" in records[0] and "loss_cls" in records[0]
     assert (tmp_path / "inference" / test / "confusion_matrix.png").exists()
     assert (tmp_path / "explain" / test / "explanation_metrics.json").exists()
+    report = (tmp_path / "inference" / test / "report.html").read_text()
+    assert "Top-1 accuracy" in report and "Average Drop" in report
+    assert report.count("data:image/png;base64,") >= 2  # the grids of both methods
 
     eval_args = default_argument_parser().parse_args(
         ["--config-file", config, "--eval-only", *_opts(tmp_path / "eval", train, test),

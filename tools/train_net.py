@@ -23,6 +23,7 @@ import fal_d2  # noqa: F401  (registers models and datasets)
 from fal_d2.config import add_fal_config, check_config_against_datasets
 from fal_d2.data import ClassificationDatasetMapper
 from fal_d2.evaluation import ClassificationEvaluator, ExplanationEvaluator
+from fal_d2.evaluation.report import write_evaluation_report
 
 CLASSIFICATION_META_ARCHS = {"FALClassifier"}
 
@@ -68,12 +69,29 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        """Detectron2's test, with the model handed to the evaluators and an HTML report per dataset."""
         if evaluators is None:
             bare_model = getattr(model, "module", model)  # unwrap DistributedDataParallel
             evaluators = [
                 cls.build_evaluator(cfg, name, model=bare_model) for name in cfg.DATASETS.TEST
             ]
-        return super().test(cfg, model, evaluators)
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            for dataset_name in cfg.DATASETS.TEST:
+                inference_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+                os.makedirs(inference_dir, exist_ok=True)
+                explain_root = cfg.TEST.EXPLAIN.OUTPUT_DIR or os.path.join(cfg.OUTPUT_DIR, "explain")
+                write_evaluation_report(
+                    os.path.join(inference_dir, "report.html"),
+                    dataset_name=dataset_name,
+                    results=results if len(cfg.DATASETS.TEST) == 1 else results.get(dataset_name),
+                    inference_dir=inference_dir,
+                    explain_dir=os.path.join(explain_root, dataset_name),
+                    notes=f"config: {cfg.MODEL.META_ARCHITECTURE}, "
+                    f"attention levels {list(cfg.MODEL.FAL.ATTENTION_LEVELS)}, "
+                    f"weights: {cfg.MODEL.WEIGHTS or 'trained in this run'}",
+                )
+        return results
 
 
 def setup(args):

@@ -7,16 +7,19 @@ All text from data (class names, captions, notes) is HTML-escaped.
 """
 
 import base64
+import glob
 import html
+import json
 import math
 import mimetypes
 import numbers
+import os
 import re
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 from fal_d2.utils.atomic_io import atomic_write_text
 
-__all__ = ["render_html_report", "write_html_report"]
+__all__ = ["render_html_report", "write_evaluation_report", "write_html_report"]
 
 # Methods in the order a reader compares them; methods not listed follow in name order.
 METHOD_TITLES = {
@@ -157,7 +160,7 @@ def _accuracy_section(accuracy: dict) -> str:
 
 def _confusion_section(confusion_matrix: dict) -> str:
     names = list(confusion_matrix["class_names"])
-    matrix = [list(row) for row in confusion_matrix["matrix"]]
+    matrix = [list(row) for row in confusion_matrix["confusion_matrix"]]
     if len(matrix) != len(names) or any(len(row) != len(names) for row in matrix):
         raise ValueError(
             f"confusion matrix must be {len(names)} x {len(names)} for {len(names)} class names, "
@@ -373,7 +376,8 @@ def write_html_report(
         title: page title and heading.
         accuracy: ClassificationEvaluator results: ``top1``, ``top5``, ``mean_class_acc`` and
             ``acc/<class>`` in percent; other keys are listed with the summary.
-        confusion_matrix: ``{"class_names": [...], "matrix": [[int]]}``, rows = ground truth.
+        confusion_matrix: ``confusion_matrix.json`` of ClassificationEvaluator: ``{"class_names": [...],
+            "confusion_matrix": [[int]]}``, rows = ground truth.
         explanation_rows: rows of ``explanation_metrics.json`` (method, level, class, metrics).
         images: ``(caption, image_path)`` pairs, e.g. heatmap grid PNGs; each is embedded.
         notes: a paragraph or a list of paragraphs shown under the title (config, checkpoint, ...).
@@ -388,3 +392,41 @@ def write_html_report(
         notes=notes,
     )
     atomic_write_text(path, text)
+
+
+def write_evaluation_report(
+    path: str,
+    *,
+    dataset_name: str,
+    results: Optional[dict] = None,
+    inference_dir: Optional[str] = None,
+    explain_dir: Optional[str] = None,
+    notes: Union[None, str, Sequence[str]] = None,
+) -> None:
+    """
+    The report of one evaluation, assembled from what the evaluators wrote: ``results`` (the
+    evaluators' dict, e.g. ``{"classification": {...}}``), ``confusion_matrix.json`` in
+    ``inference_dir``, and ``explanation_metrics.json`` plus ``grid_*.png`` in ``explain_dir``.
+    Missing parts are left out.
+    """
+    confusion_path = os.path.join(inference_dir or "", "confusion_matrix.json")
+    metrics_path = os.path.join(explain_dir or "", "explanation_metrics.json")
+    confusion = _read_json(confusion_path) if inference_dir else None
+    explanation = _read_json(metrics_path) if explain_dir else None
+    grids = sorted(glob.glob(os.path.join(explain_dir, "grid_*.png"))) if explain_dir else []
+    write_html_report(
+        path,
+        title=f"fal_d2 evaluation on {dataset_name}",
+        accuracy=(results or {}).get("classification"),
+        confusion_matrix=confusion,
+        explanation_rows=explanation["rows"] if explanation else None,
+        images=[(f"Heatmaps: {os.path.basename(p)[len('grid_'):-len('.png')]}", p) for p in grids],
+        notes=notes,
+    )
+
+
+def _read_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
