@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Layer analysis of a trained classifier: explanation quality per saliency method and level.
+"""Layer analysis of a trained classifier or detector: explanation quality per method and level.
 
 This is the paper's Table 1: Average Drop % and Increase in Confidence % (Grad-CAM++), plus RISE
 deletion/insertion AUC, for every explained level, over all classes and for one chosen class.
+Detectors (FALRCNN, FALRetinaNet, their plain-FPN versions) explain each image's top detection,
+and their rows are per class of that detection; images without a detection are skipped and
+counted (see fal_d2/explain/detection_targets.py for the rule).
 
     python tools/explain.py --config-file configs/fpn_baseline.yaml \\
         --weights output/fpn_baseline/model_final.pth --class-name airplane \\
@@ -11,6 +14,10 @@ deletion/insertion AUC, for every explained level, over all classes and for one 
         --weights output/fal/model_final.pth \\
         --compare-config configs/fpn_baseline.yaml --compare-weights output/fpn/model_final.pth \\
         --output output/fal_vs_fpn
+    python tools/explain.py \\
+        --config-file configs/COCO-Detection/fal_faster_rcnn_R_18_FPN_p2p3_shapes.yaml \\
+        --weights output/shapes/model_final.pth --levels p2 p3 --max-images 20 \\
+        --output output/shapes/layer_analysis
 
 Writes to --output: ``layer_analysis.md``, ``.csv`` and ``.json`` (the table), ``grid_<method>.png``
 (heatmaps, the two models side by side with --compare-config) and, in one subfolder per model, the
@@ -32,7 +39,12 @@ from tqdm import tqdm
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
@@ -68,16 +80,18 @@ def get_parser():
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--weights", help="checkpoint of the model (default: MODEL.WEIGHTS)")
     parser.add_argument("--dataset", help="registered dataset (default: DATASETS.TEST[0])")
-    parser.add_argument("--class-name", help="one class reported beside all classes, e.g. airplane")
+    parser.add_argument("--class-name", help="one class reported beside all classes, e.g. airplane "
+                                             "(for a detector: the class of the top detection)")
     parser.add_argument("--methods", nargs="+", choices=sorted(SALIENCY_METHODS),
                         help="saliency methods (default: TEST.EXPLAIN.METHODS)")
     parser.add_argument("--levels", nargs="+",
                         help="levels to explain (default: TEST.EXPLAIN.LEVELS)")
     parser.add_argument("--target", choices=["pred", "gt"],
-                        help="class explained (default: TEST.EXPLAIN.TARGET)")
+                        help="class explained (default: TEST.EXPLAIN.TARGET); detectors: pred")
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument("--max-images", type=int,
-                        help="explain at most N images, taken in turn from each class")
+                        help="explain at most N images, taken in turn from each class "
+                             "(detection sets: the first N)")
     parser.add_argument("--vis-per-class", type=int,
                         help="images per class in the heatmap grids "
                              "(default: TEST.EXPLAIN.VIS_PER_CLASS)")
@@ -124,11 +138,16 @@ def load_model(cfg, config_file):
 
 
 def select_images(dataset_dicts, max_images):
-    """At most ``max_images`` dicts, taken in turn from each class so that all classes appear."""
+    """
+    At most ``max_images`` dicts, taken in turn from each class so that all classes appear;
+    without image-level labels (detection sets), the first ``max_images``.
+    """
     if max_images is None or max_images >= len(dataset_dicts):
         return list(dataset_dicts)
     if max_images < 1:
         raise ValueError(f"--max-images must be at least 1, got {max_images}")
+    if not all("label" in record for record in dataset_dicts):
+        return list(dataset_dicts[:max_images])
     by_class = defaultdict(list)
     for record in dataset_dicts:
         by_class[record["label"]].append(record)
@@ -143,13 +162,15 @@ def select_images(dataset_dicts, max_images):
 
 def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label):
     """Run an ExplanationEvaluator over the images; returns it, evaluated."""
-    loader = build_detection_test_loader(
-        dataset_dicts,
-        mapper=ClassificationDatasetMapper(cfg, is_train=False),
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-    )
     evaluator = ExplanationEvaluator.from_config(
         cfg, dataset_name, model, output_dir=output_dir, distributed=False
+    )
+    if evaluator.task == "detection":
+        mapper = DatasetMapper(cfg, is_train=False)
+    else:
+        mapper = ClassificationDatasetMapper(cfg, is_train=False)
+    loader = build_detection_test_loader(
+        dataset_dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
     )
     evaluator.reset()
     for inputs in tqdm(loader, total=len(dataset_dicts), desc=f"explaining {label}", unit="img"):
@@ -158,8 +179,11 @@ def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label):
     return evaluator
 
 
-def write_table(rows, output_dir, dataset_name, class_name):
-    """The table as Markdown, CSV and JSON (atomically)."""
+def write_table(rows, output_dir, dataset_name, class_name, skipped=None):
+    """
+    The table as Markdown, CSV and JSON (atomically). ``skipped`` maps each detector's label to
+    its number of images without a detection.
+    """
     keys = [key for key, _, _ in TABLE_COLUMNS]
     titles = [title for _, title, _ in TABLE_COLUMNS]
 
@@ -172,6 +196,9 @@ def write_table(rows, output_dir, dataset_name, class_name):
         title += f" (class {class_name!r} and all classes)"
     markdown = f"# {title}\n\n" + tabulate([formatted(row) for row in rows], headers=titles,
                                           tablefmt="github", disable_numparse=True) + "\n"
+    if skipped:
+        markdown += "\nDetectors explain each image's top detection; images without one: " + \
+            ", ".join(f"{label} {count}" for label, count in skipped.items()) + "\n"
     atomic_write_text(os.path.join(output_dir, "layer_analysis.md"), markdown)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -179,7 +206,8 @@ def write_table(rows, output_dir, dataset_name, class_name):
     writer.writerows([["" if row[key] is None else row[key] for key in keys] for row in rows])
     atomic_write_text(os.path.join(output_dir, "layer_analysis.csv"), buffer.getvalue())
     atomic_write_json(os.path.join(output_dir, "layer_analysis.json"),
-                      {"dataset": dataset_name, "class_name": class_name, "rows": rows})
+                      {"dataset": dataset_name, "class_name": class_name,
+                       "num_images_skipped": skipped or {}, "rows": rows})
     return markdown
 
 
@@ -224,7 +252,7 @@ def main(argv=None):
     dataset_dicts = select_images(DatasetCatalog.get(dataset_name), args.max_images)
     os.makedirs(args.output, exist_ok=True)
 
-    models, rows = [], []
+    models, rows, skipped = [], [], {}
     for (config_file, _), cfg in zip(configs, cfgs):
         label = os.path.splitext(os.path.basename(config_file))[0]
         if any(label == other for other, _ in models):
@@ -234,8 +262,10 @@ def main(argv=None):
         models.append((label, evaluator))
         rows += [dict(model=label, **row) for row in evaluator.rows
                  if row["class"] in ("all", args.class_name)]
+        if evaluator.task == "detection":
+            skipped[label] = evaluator.num_images_skipped
 
-    print(write_table(rows, args.output, dataset_name, args.class_name))
+    print(write_table(rows, args.output, dataset_name, args.class_name, skipped))
     paths = write_grids(models, args.output, dataset_name)
     print("Outputs:\n" + "\n".join(
         f"  {os.path.join(args.output, name)}"

@@ -1,4 +1,14 @@
-"""Explanation quality per saliency method, level and class, as a Detectron2 DatasetEvaluator."""
+"""Explanation quality per saliency method, level and class, as a Detectron2 DatasetEvaluator.
+
+Classifiers and detectors are evaluated the same way; what is explained and how O is measured
+comes from the model's target (:mod:`fal_d2.explain.targets`):
+
+* classifiers: the predicted (or ground-truth) class; rows per ground-truth class ("label");
+* detectors: each image's top detection (:mod:`fal_d2.explain.detection_targets` has the rule:
+  Y is its score, O the best score of a same-class detection with IoU >= 0.5 on E = S * I); rows
+  per class of the top detection. Images with no detection are skipped and counted
+  (``num_images_skipped``); heatmaps show the explained detection's box.
+"""
 import io
 import logging
 import operator
@@ -12,16 +22,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 import detectron2.utils.comm as comm
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 
 from fal_d2.explain import SALIENCY_METHODS
 from fal_d2.explain.faithfulness import INSERTION_BASELINES
 from fal_d2.explain.scoring import score_explanations
+from fal_d2.explain.targets import build_target
 from fal_d2.explain.visualize import (
     ExplanationSample,
     explanation_grid,
-    overlay_heatmap,
+    sample_overlay,
     save_grid_figure,
 )
 from fal_d2.utils.atomic_io import atomic_write_bytes, atomic_write_json
@@ -38,7 +49,8 @@ VIS_MAX_SIDE = 128  # kept visualisation images and maps are downscaled to at mo
 class ExplanationEvaluator(DatasetEvaluator):
     """
     Average Drop %, Increase in Confidence % (Grad-CAM++) and RISE deletion/insertion AUC of
-    saliency methods on the chosen backbone levels, overall and per ground-truth class.
+    saliency methods on the chosen backbone levels, overall and per class: the ground-truth class
+    for classifiers, the top detection's class for detectors (see the module docstring).
 
     Explanations need gradients and the model, which Detectron2's ``inference_on_dataset`` does
     not give an evaluator: this one holds the model and re-runs the saliency methods on each
@@ -49,8 +61,9 @@ class ExplanationEvaluator(DatasetEvaluator):
     and at most ``vis_per_class`` downscaled samples per class for the heatmap figures.
 
     After :meth:`evaluate`, on the main process, ``rows`` holds the metric rows (the
-    ``explanation_metrics.json`` schema), ``samples`` the kept samples in class order and
-    ``method_levels`` the levels explained by each method.
+    ``explanation_metrics.json`` schema), ``samples`` the kept samples in class order,
+    ``method_levels`` the levels explained by each method and ``num_images_skipped`` the number
+    of images with nothing to explain (a detector's images without a detection).
     """
 
     def __init__(
@@ -69,11 +82,13 @@ class ExplanationEvaluator(DatasetEvaluator):
         """
         Args:
             dataset_name: a registered dataset whose metadata has ``thing_classes``.
-            model: the classifier to explain (not wrapped in DistributedDataParallel).
+            model: the classifier or detector to explain (not wrapped in
+                DistributedDataParallel).
             methods: names in :data:`fal_d2.explain.SALIENCY_METHODS`; a method is skipped, with
                 a warning, on levels where it does not apply ("attention" without a branch).
             levels: backbone outputs to explain.
-            target: "pred" explains the predicted class, "gt" the ground-truth one.
+            target: "pred" explains the predicted class (a detector's top detection), "gt" the
+                ground-truth class (classifiers only).
             vis_per_class: images per class kept for the heatmap figures.
             output_dir: where ``explanation_metrics.json``, heatmaps and grids go; None: nowhere.
             distributed: sum the partial sums of all workers and report on the main process only.
@@ -90,8 +105,15 @@ class ExplanationEvaluator(DatasetEvaluator):
                 f"insertion_baseline={insertion_baseline!r}; expected one of {INSERTION_BASELINES}"
             )
         self._dataset_name = dataset_name
-        self._class_names = list(MetadataCatalog.get(dataset_name).thing_classes)
+        self._class_names = _class_names(dataset_name)
         self._model = model
+        self._explain_target = build_target(model)
+        self.task = self._explain_target.task
+        if target == "gt" and not self._explain_target.uses_image_labels:
+            raise ValueError(
+                f"TEST.EXPLAIN.TARGET='gt' needs one ground-truth class per image; a "
+                f"{type(model).__name__} explains its top detection: use TARGET 'pred'"
+            )
         self._target = target
         self._vis_per_class = vis_per_class
         self._output_dir = output_dir
@@ -107,6 +129,7 @@ class ExplanationEvaluator(DatasetEvaluator):
         ]
         self.rows: List[dict] = []
         self.samples: List[ExplanationSample] = []
+        self.num_images_skipped = 0
         self.reset()
 
     @classmethod
@@ -153,47 +176,68 @@ class ExplanationEvaluator(DatasetEvaluator):
             applicable = []
             for level in levels:
                 try:
-                    method_class(model, [level])
+                    method_class(model, [level], target=self._explain_target)
                     applicable.append(level)
                 except ValueError as e:
                     self._logger.warning(
                         f"[ExplanationEvaluator] skipping {name!r} on {level}: {e}"
                     )
             if applicable:
-                explainers.append((name, method_class(model, applicable)))
+                explainers.append(
+                    (name, method_class(model, applicable, target=self._explain_target))
+                )
         return explainers
 
     def reset(self):
         self._sums = np.zeros((len(self._keys), len(self._class_names), len(_SUMS)))
         self._samples: Dict[int, List[ExplanationSample]] = {}
+        self._num_skipped = 0
 
     def process(self, inputs, outputs):
-        labels = [self._label_of(x) for x in inputs]
+        labels = [self._label_of(x) for x in inputs] if self._explain_target.uses_image_labels \
+            else None
         targets = labels if self._target == "gt" else None
-        sampled = self._choose_samples(labels)
-        new_samples = {}
+        new_samples, row_classes = {}, None
         with torch.enable_grad():
             for name, method in self._explainers:
                 scores = score_explanations(
                     self._model, inputs, method, targets, self._auc_steps, self._insertion_baseline
                 )
-                for i in sampled:
-                    if i not in new_samples:
-                        new_samples[i] = self._new_sample(inputs[i], int(scores.target_classes[i]))
+                explained = scores.explained
+                classes = labels if labels is not None else [
+                    self._detected_class(c) for c in scores.target_classes.tolist()
+                ]
+                if row_classes is None:  # the first method: the samples and skips of the batch
+                    row_classes = classes
+                    self._num_skipped += int((~explained).sum())
+                    for i in self._choose_samples(classes, explained):
+                        new_samples[i] = self._new_sample(inputs[i], classes[i], scores, i)
                 for level, level_scores in scores.levels.items():
-                    self._add(self._keys.index((name, level)), labels, level_scores)
-                    for i in sampled:
-                        self._record(new_samples[i], (name, level), level_scores, i)
+                    self._add(self._keys.index((name, level)), classes, explained, level_scores)
+                    for i, sample in new_samples.items():
+                        if explained[i]:
+                            self._record(sample, (name, level), level_scores, i)
         for i, sample in new_samples.items():
-            self._samples.setdefault(labels[i], []).append(sample)
+            self._samples.setdefault(row_classes[i], []).append(sample)
 
-    def _add(self, key_index, labels, level_scores):
-        ones = np.ones(len(labels))
-        values = [ones, level_scores.drop, level_scores.increase,
+    def _add(self, key_index, classes, explained, level_scores):
+        kept = np.flatnonzero(explained)
+        rows = np.asarray(classes, dtype=np.int64)[kept]
+        values = [np.ones(len(kept)), level_scores.drop, level_scores.increase,
                   level_scores.deletion_auc, level_scores.insertion_auc]
         for column, value in enumerate(values):
             if value is not None:
-                np.add.at(self._sums[key_index, :, column], labels, value)
+                np.add.at(self._sums[key_index, :, column], rows, value[kept] if column else value)
+
+    def _detected_class(self, target_class: int) -> int:
+        """A detector's explained class as a row index; -1 (nothing detected) stays -1."""
+        if target_class >= len(self._class_names):
+            raise ValueError(
+                f"ExplanationEvaluator on '{self._dataset_name}': the model detected class "
+                f"{target_class}, but the dataset has {len(self._class_names)} classes; the "
+                f"model's NUM_CLASSES must match the dataset"
+            )
+        return target_class
 
     def _label_of(self, input_) -> int:
         if "label" not in input_:
@@ -209,26 +253,34 @@ class ExplanationEvaluator(DatasetEvaluator):
             )
         return label
 
-    def _choose_samples(self, labels) -> List[int]:
-        """The first ``vis_per_class`` images of each class, in data order."""
+    def _choose_samples(self, labels, explained) -> List[int]:
+        """The first ``vis_per_class`` explained images of each class, in data order."""
         taken = {label: len(samples) for label, samples in self._samples.items()}
         chosen = []
         for i, label in enumerate(labels):
-            if taken.get(label, 0) < self._vis_per_class:
+            if explained[i] and taken.get(label, 0) < self._vis_per_class:
                 taken[label] = taken.get(label, 0) + 1
                 chosen.append(i)
         return chosen
 
-    def _new_sample(self, input_, target_class) -> ExplanationSample:
+    def _new_sample(self, input_, class_label, scores, i) -> ExplanationSample:
         image = _downscale(input_["image"].float()[None])[0]
         if not self._rgb:
             image = image.flip(0)
-        return ExplanationSample(
+        target_name = self._class_names[int(scores.target_classes[i])]
+        sample = ExplanationSample(
             image_id=str(input_.get("image_id", input_.get("file_name", ""))),
             image=image.round().clamp(0, 255).byte().permute(1, 2, 0).numpy(),
-            class_name=self._class_names[input_["label"]],
-            target_name=self._class_names[target_class],
+            class_name=self._class_names[class_label],
+            target_name=target_name,
         )
+        if scores.boxes is not None:
+            scale_y = image.shape[-2] / input_["image"].shape[-2]
+            scale_x = image.shape[-1] / input_["image"].shape[-1]
+            x0, y0, x1, y1 = scores.boxes[i].tolist()
+            sample.box = (x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y)
+            sample.box_caption = f"{target_name} {scores.confidence[i]:.2f}"
+        return sample
 
     @staticmethod
     def _record(sample, key, level_scores, i):
@@ -239,19 +291,27 @@ class ExplanationEvaluator(DatasetEvaluator):
 
     def evaluate(self):
         if self._distributed:
-            gathered = comm.all_gather((self._sums, self._samples))
+            gathered = comm.all_gather((self._sums, self._samples, self._num_skipped))
             if not comm.is_main_process():
                 return {}
             sums = np.sum([g[0] for g in gathered], axis=0)
             samples = {}
-            for _, worker_samples in gathered:
+            for _, worker_samples, _ in gathered:
                 for label, label_samples in worker_samples.items():
                     samples.setdefault(label, []).extend(label_samples)
+            self.num_images_skipped = sum(g[2] for g in gathered)
         else:
             sums, samples = self._sums, self._samples
+            self.num_images_skipped = self._num_skipped
+        if self.num_images_skipped:
+            self._logger.info(
+                f"[ExplanationEvaluator] {self.num_images_skipped} image(s) of "
+                f"'{self._dataset_name}' had nothing to explain (no detection) and were skipped."
+            )
         if sums[..., 0].sum() == 0:
             self._logger.warning(
-                f"[ExplanationEvaluator] No images were explained on '{self._dataset_name}'."
+                f"[ExplanationEvaluator] No images were explained on '{self._dataset_name}' "
+                f"({self.num_images_skipped} skipped)."
             )
             return {}
 
@@ -267,6 +327,8 @@ class ExplanationEvaluator(DatasetEvaluator):
                 for metric in _METRICS:
                     if row[metric] is not None:
                         results[f"{row['method']}/{row['level']}/{metric}"] = row[metric]
+        if self.task == "detection":
+            results["num_images_skipped"] = self.num_images_skipped
         self._logger.info(
             f"Explanations on '{self._dataset_name}': "
             + ", ".join(f"{key} {value:.3f}" for key, value in results.items())
@@ -300,7 +362,9 @@ class ExplanationEvaluator(DatasetEvaluator):
             os.path.join(self._output_dir, "explanation_metrics.json"),
             {
                 "dataset": self._dataset_name,
+                "task": self.task,
                 "target": self._target,
+                "num_images_skipped": self.num_images_skipped,
                 "auc_steps": self._auc_steps,
                 "insertion_baseline": self._insertion_baseline,
                 "rows": self.rows,
@@ -310,10 +374,10 @@ class ExplanationEvaluator(DatasetEvaluator):
         for sample in self.samples:
             index = index_in_class[sample.class_name]
             index_in_class[sample.class_name] += 1
-            for (method, level), saliency in sample.maps.items():
+            for method, level in sample.maps:
                 folder = os.path.join(self._output_dir, "heatmaps", method, level)
                 os.makedirs(folder, exist_ok=True)
-                overlay = overlay_heatmap(sample.image, saliency / 255.0)
+                overlay = sample_overlay(sample, (method, level))
                 _write_png(os.path.join(folder, f"{sample.class_name}_{index}.png"), overlay)
         if not self.samples:
             return
@@ -324,8 +388,21 @@ class ExplanationEvaluator(DatasetEvaluator):
                 columns,
                 os.path.join(self._output_dir, f"grid_{method}.png"),
                 row_labels=row_labels,
-                title=f"{method} on '{self._dataset_name}' (target: {self._target})",
+                title=f"{method} on '{self._dataset_name}' (target: "
+                f"{'top detection' if self.task == 'detection' else self._target})",
             )
+
+
+def _class_names(dataset_name) -> List[str]:
+    """The dataset's ``thing_classes``; a COCO-format set registered without them sets them when
+    it is first loaded."""
+    metadata = MetadataCatalog.get(dataset_name)
+    if metadata.get("thing_classes") is None and dataset_name in DatasetCatalog.list():
+        DatasetCatalog.get(dataset_name)
+    classes = metadata.get("thing_classes")
+    if classes is None:
+        raise ValueError(f"ExplanationEvaluator: dataset '{dataset_name}' has no thing_classes")
+    return list(classes)
 
 
 def _downscale(images: torch.Tensor) -> torch.Tensor:

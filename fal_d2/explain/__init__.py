@@ -1,8 +1,10 @@
-"""Saliency methods for FAL/FPN classifiers, explanation metrics and figures.
+"""Saliency methods for FAL/FPN classifiers and detectors, explanation metrics and figures.
 
 Every method is built as ``method(model, levels)`` and called as ``method(batched_inputs,
 target_classes=None)``; :data:`SALIENCY_METHODS` maps the names used in configs
-(``TEST.EXPLAIN.METHODS``) to the classes.
+(``TEST.EXPLAIN.METHODS``) to the classes. What a method explains is the model's target
+(:mod:`fal_d2.explain.targets`): a classifier's class logit, or a detector's top detection
+(:mod:`fal_d2.explain.detection_targets`).
 """
 from typing import Sequence
 
@@ -10,19 +12,28 @@ from torch import nn
 
 from .attention import AttentionSaliency
 from .base import Saliency, SaliencyMethod, explanation_mode
+from .detection_targets import DetectionTarget, FastRCNNBoxTarget, RetinaNetAnchorTarget
 from .fused import FusedSaliency
 from .gradcam import GradCAM
 from .gradcampp import GradCAMPlusPlus
+from .targets import ClassificationTarget, ExplanationTarget, TargetScores, build_target
 
 __all__ = [
     "SALIENCY_METHODS",
     "AttentionSaliency",
+    "ClassificationTarget",
+    "DetectionTarget",
+    "ExplanationTarget",
+    "FastRCNNBoxTarget",
     "FusedSaliency",
     "GradCAM",
     "GradCAMPlusPlus",
+    "RetinaNetAnchorTarget",
     "Saliency",
     "SaliencyMethod",
+    "TargetScores",
     "build_saliency_method",
+    "build_target",
     "explanation_mode",
 ]
 

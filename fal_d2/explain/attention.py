@@ -11,13 +11,13 @@ __all__ = ["AttentionSaliency"]
 class AttentionSaliency(SaliencyMethod):
     """
     The attention map M in [0, 1] of the branch on each level (ABN's explanation). M does not
-    depend on the target class: the target only enters the reported scores.
+    depend on the target (class or detection): the target only enters the reported scores.
     """
 
     needs_gradients = False
 
-    def __init__(self, model: nn.Module, levels: Sequence[str]):
-        super().__init__(model, levels)
+    def __init__(self, model: nn.Module, levels: Sequence[str], target=None):
+        super().__init__(model, levels, target)
         attended = list(getattr(model.backbone, "attention_branches", {}))
         missing = [level for level in self.levels if level not in attended]
         if missing:

@@ -1,22 +1,27 @@
-"""Run a classifier on perturbed images: the model side of the explanation metrics.
+"""Run a model on perturbed images: the model side of the explanation metrics.
 
 Deletion removes the most salient pixels first by setting them to 0 (black); insertion pastes them
 first onto a blurred copy of the image, as in RISE (Petsiuk et al., BMVC 2018): a black start would
 make insertion measure how the model reacts to black images rather than to the evidence. A zero
 insertion baseline can be chosen for comparison with works that use one.
 """
-import functools
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import explanation_mode
 from .metrics import curve_auc, deletion_scores, insertion_scores
+from .mode import explanation_mode
 
-__all__ = ["INSERTION_BASELINES", "gaussian_blur", "predict_scores", "deletion_insertion_aucs"]
+__all__ = [
+    "INSERTION_BASELINES",
+    "gaussian_blur",
+    "model_outputs",
+    "predict_scores",
+    "deletion_insertion_aucs",
+]
 
 INSERTION_BASELINES = ("blur", "zero")
 
@@ -35,41 +40,49 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.
     return x.reshape(shape)
 
 
-def predict_scores(
+def model_outputs(
     model: nn.Module, images: Sequence[torch.Tensor], chunk_size: int = 32
-) -> torch.Tensor:
+) -> List[dict]:
     """
-    (T, K) softmax scores of the model, in eval mode and without gradients, for pixel-space CHW
-    images (any dtype); run ``chunk_size`` images at a time to bound memory.
+    The model's inference outputs, in eval mode and without gradients, for pixel-space CHW images
+    (any dtype), given "height" and "width" equal to the image's own size (so that a detector's
+    boxes are in the images' pixels); ``chunk_size`` images at a time to bound memory.
     """
-    scores = []
+    outputs = []
     with explanation_mode(model), torch.no_grad():
         for start in range(0, len(images), chunk_size):
             inputs = [
                 {"image": image, "height": image.shape[-2], "width": image.shape[-1]}
                 for image in images[start : start + chunk_size]
             ]
-            scores.extend(output["scores"] for output in model(inputs))
-    return torch.stack(scores)
+            outputs.extend(model(inputs))
+    return outputs
 
 
-def _target_probability(model: nn.Module, target: int, images: torch.Tensor) -> torch.Tensor:
-    return predict_scores(model, list(images), chunk_size=len(images))[:, target]
+def predict_scores(
+    model: nn.Module, images: Sequence[torch.Tensor], chunk_size: int = 32
+) -> torch.Tensor:
+    """(T, K) softmax scores of a classifier (outputs with "scores"), see :func:`model_outputs`."""
+    return torch.stack([output["scores"] for output in model_outputs(model, images, chunk_size)])
 
 
 def deletion_insertion_aucs(
-    model: nn.Module,
+    target,
     images: Sequence[torch.Tensor],
     saliency: Sequence[torch.Tensor],
-    target_classes: Sequence[int],
+    classes: Sequence[int],
+    boxes: Optional[torch.Tensor] = None,
     steps: int = 16,
     insertion_baseline: str = "blur",
 ) -> Tuple[np.ndarray, np.ndarray]:
     """
-    Deletion and insertion AUC of each image's target probability (see the module docstring).
+    Deletion and insertion AUC of each image's target confidence (see the module docstring).
 
     Args:
+        target: the :class:`fal_d2.explain.targets.ExplanationTarget` whose ``confidences`` score
+            the perturbed images (a class probability, or a matched detection's score).
         images: CHW pixel-space images as fed to the model; saliency: matching (H, W) maps.
+        classes: each image's explained class; boxes: (N, 4) its explained box (detectors).
         steps: points on each curve after the first (each step changes 1/steps of the pixels).
 
     Returns:
@@ -80,8 +93,15 @@ def deletion_insertion_aucs(
             f"insertion_baseline={insertion_baseline!r}; expected one of {INSERTION_BASELINES}"
         )
     deletion, insertion = [], []
-    for image, saliency_map, target in zip(images, saliency, target_classes):
-        score_fn = functools.partial(_target_probability, model, int(target))
+    for i, (image, saliency_map) in enumerate(zip(images, saliency)):
+        box = None if boxes is None else boxes[i : i + 1]
+
+        def score_fn(perturbed, cls=int(classes[i]), box=box):
+            count = len(perturbed)
+            return target.confidences(
+                list(perturbed), [cls] * count, None if box is None else box.expand(count, 4)
+            )
+
         baseline = gaussian_blur(image) if insertion_baseline == "blur" else torch.zeros_like(image)
         deletion.append(curve_auc(deletion_scores(score_fn, image, saliency_map, steps)))
         insertion.append(

@@ -23,9 +23,9 @@ class FusedSaliency(SaliencyMethod):
     """
 
     def __init__(self, model: nn.Module, levels: Sequence[str],
-                 base_method: Type[SaliencyMethod] = GradCAM):
-        super().__init__(model, levels)
-        self.base = base_method(model, self.levels)
+                 base_method: Type[SaliencyMethod] = GradCAM, target=None):
+        super().__init__(model, levels, target)
+        self.base = base_method(model, self.levels, self.target)
         self.level_name = "+".join(self.levels)
 
     @property
@@ -36,7 +36,7 @@ class FusedSaliency(SaliencyMethod):
         saliency = self.base(batched_inputs, target_classes)
         height, width = saliency.padded_size
         fused = torch.zeros((len(saliency.image_sizes), height, width),
-                            device=saliency.scores.device)
+                            device=saliency.confidence.device)
         for i, (image_height, image_width) in enumerate(saliency.image_sizes):
             levels = [
                 normalize_saliency(level_maps[i : i + 1], (image_height, image_width),

@@ -9,7 +9,7 @@ __all__ = ["GradCAM"]
 class GradCAM(SaliencyMethod):
     """
     ReLU(sum_k alpha_k A_k) with alpha_k the spatial mean of d y_c / d A_k, where A is a level's
-    feature map and y_c the target class logit.
+    feature map and y_c the target's score (a class logit, see :mod:`fal_d2.explain.targets`).
     """
 
     def compute_maps(self, features, gradients):

@@ -1,7 +1,8 @@
 """Heatmap overlays and image grids of explanations, as in the paper's figures.
 
 Figures are drawn on a bare Agg canvas (not pyplot), so that no global backend or figure registry
-is touched, and saved atomically.
+is touched, and saved atomically. A detector's explained detection is drawn on the input and on
+every heatmap of its image (PIL), with its class and score.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -12,12 +13,16 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 
 from fal_d2.utils.atomic_io import atomic_save_figure
 
 __all__ = [
     "ExplanationSample",
     "overlay_heatmap",
+    "draw_box",
+    "sample_image",
+    "sample_overlay",
     "save_grid_figure",
     "explanation_grid",
 ]
@@ -37,6 +42,9 @@ class ExplanationSample:
     maps: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)
     drop: Dict[Tuple[str, str], float] = field(default_factory=dict)  # per-image Average Drop %
     increase: Dict[Tuple[str, str], bool] = field(default_factory=dict)  # O > Y
+    # the explained detection (detectors), XYXY in ``image`` pixels, and its "class score" caption
+    box: Optional[Tuple[float, float, float, float]] = None
+    box_caption: str = ""
 
 
 def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5) -> np.ndarray:
@@ -57,6 +65,53 @@ def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5)
     heatmap = matplotlib.colormaps["jet"](saliency.clamp(0, 1).numpy())[..., :3]
     blended = alpha * heatmap + (1 - alpha) * image.astype(np.float64) / 255.0
     return np.clip(np.round(blended * 255.0), 0, 255).astype(np.uint8)
+
+
+def draw_box(
+    image_rgb_uint8: np.ndarray,
+    box: Sequence[float],
+    caption: str = "",
+    color: Tuple[int, int, int] = (255, 255, 255),
+) -> np.ndarray:
+    """
+    A copy of the (H, W, 3) uint8 RGB image with ``box`` (x0, y0, x1, y1 in pixels) outlined in
+    ``color`` over a black edge, so that it shows on any heatmap, and ``caption`` on a black label
+    above the box (inside it when there is no room above).
+    """
+    image = np.asarray(image_rgb_uint8)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(np.isfinite([x0, y0, x1, y1])) or x1 < x0 or y1 < y0:
+        raise ValueError(f"not a box: {tuple(box)}")
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], outline=(0, 0, 0))
+    draw.rectangle([x0, y0, x1, y1], outline=color)
+    if caption:
+        font = ImageFont.load_default()
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        width, height = right - left + 2, bottom - top + 2
+        x = min(max(x0, 0.0), max(0.0, canvas.width - width))
+        y = y0 - height - 1 if y0 - height - 1 >= 0 else max(y0, 0.0) + 1
+        draw.rectangle([x, y, x + width, y + height], fill=(0, 0, 0))
+        draw.text((x + 1 - left, y + 1 - top), caption, fill=color, font=font)
+    return np.asarray(canvas)
+
+
+def sample_image(sample: ExplanationSample) -> np.ndarray:
+    """The sample's input image, with its explained detection if it has one."""
+    if sample.box is None:
+        return sample.image
+    return draw_box(sample.image, sample.box, sample.box_caption)
+
+
+def sample_overlay(sample: ExplanationSample, key: Tuple[str, str]) -> np.ndarray:
+    """The heatmap of (method, level) ``key`` over the sample, with its explained detection."""
+    overlay = overlay_heatmap(sample.image, sample.maps[key] / 255.0)
+    if sample.box is None:
+        return overlay
+    return draw_box(overlay, sample.box, sample.box_caption)
 
 
 def save_grid_figure(
@@ -113,6 +168,7 @@ def explanation_grid(
     Rows, column titles and row labels of a grid for :func:`save_grid_figure`: the input, then
     each model's heatmaps of ``method`` on its levels, side by side (e.g. FPN vs FAL). Rows are the
     first model's samples; another model's cells are blank where it has no sample of that image.
+    Detections are drawn on the cells of their own model's sample.
     """
     first_samples = models[0][1]
     by_id = [{sample.image_id: sample for sample in samples} for _, samples in models]
@@ -123,7 +179,7 @@ def explanation_grid(
     ]
     rows, row_labels = [], []
     for first in first_samples:
-        row = [(first.image, "")]
+        row = [(sample_image(first), "")]
         for samples, levels in zip(by_id, levels_per_model):
             sample = samples.get(first.image_id)
             for level in levels:
@@ -135,7 +191,10 @@ def explanation_grid(
                            f"inc {'yes' if sample.increase[key] else 'no'}")
                 if sample.target_name != first.target_name:  # models may predict differently
                     caption += f"\n(explained: {sample.target_name})"
-                row.append((overlay_heatmap(sample.image, sample.maps[key] / 255.0), caption))
+                row.append((sample_overlay(sample, key), caption))
         rows.append(row)
-        row_labels.append(f"{first.class_name}\n(explained: {first.target_name})")
+        if first.box is not None:
+            row_labels.append(f"top detection:\n{first.box_caption or first.target_name}")
+        else:
+            row_labels.append(f"{first.class_name}\n(explained: {first.target_name})")
     return rows, columns, row_labels
