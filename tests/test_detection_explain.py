@@ -90,7 +90,8 @@ def trained_rcnn(shapes_sets, one_thread):
     torch.manual_seed(0)
     cfg = _cfg(RCNN_CONFIG)
     model = build_model(cfg)
-    SimpleTrainer(model, build_detection_train_loader(cfg), build_optimizer(cfg, model)).train(0, 20)
+    trainer = SimpleTrainer(model, build_detection_train_loader(cfg), build_optimizer(cfg, model))
+    trainer.train(0, 20)
     model.eval()
     return cfg, model
 

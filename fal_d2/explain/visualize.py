@@ -36,7 +36,7 @@ class ExplanationSample:
 
     image_id: str  # pairs the same image across models
     image: np.ndarray  # (h, w, 3) uint8 RGB, downscaled
-    class_name: str  # ground truth
+    class_name: str  # row class: the ground truth (classifiers), the explained class (detectors)
     target_name: str  # explained class
     # (method, level) -> (h, w) uint8 saliency, 255 standing for 1
     maps: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)
