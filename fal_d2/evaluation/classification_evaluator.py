@@ -12,6 +12,7 @@ import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 
+from fal_d2.evaluation.labels import checked_label
 from fal_d2.utils.atomic_io import atomic_save_figure, atomic_write_json
 
 __all__ = ["ClassificationEvaluator"]
@@ -91,20 +92,8 @@ class ClassificationEvaluator(DatasetEvaluator):
             self._write_confusion_matrix(confusion, metrics)
         return OrderedDict({"classification": metrics})
 
-    def _label_of(self, input_):
-        if "label" not in input_:
-            raise KeyError(
-                f"ClassificationEvaluator on '{self._dataset_name}': dataset dict "
-                f"{input_.get('file_name', '')!r} has no 'label'."
-            )
-        label = operator.index(input_["label"])
-        if not 0 <= label < len(self._class_names):
-            raise ValueError(
-                f"ClassificationEvaluator on '{self._dataset_name}': 'label' is {label} in dataset "
-                f"dict {input_.get('file_name', '')!r}, outside [0, {len(self._class_names)}) "
-                f"for the dataset's {len(self._class_names)} thing_classes."
-            )
-        return label
+    def _label_of(self, input_) -> int:
+        return checked_label(input_, self._class_names, "ClassificationEvaluator", self._dataset_name)
 
     def _pred_class_of(self, output):
         # Checked because numpy would silently wrap a negative index into another cell.

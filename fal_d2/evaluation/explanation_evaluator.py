@@ -11,7 +11,6 @@ comes from the model's target (:mod:`fal_d2.explain.targets`):
 """
 import io
 import logging
-import operator
 import os
 from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional, Sequence
@@ -35,6 +34,7 @@ from fal_d2.explain.visualize import (
     sample_overlay,
     save_grid_figure,
 )
+from fal_d2.evaluation.labels import checked_label
 from fal_d2.utils.atomic_io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["ExplanationEvaluator"]
@@ -240,18 +240,7 @@ class ExplanationEvaluator(DatasetEvaluator):
         return target_class
 
     def _label_of(self, input_) -> int:
-        if "label" not in input_:
-            raise KeyError(
-                f"ExplanationEvaluator on '{self._dataset_name}': dataset dict "
-                f"{input_.get('file_name', '')!r} has no 'label'."
-            )
-        label = operator.index(input_["label"])
-        if not 0 <= label < len(self._class_names):
-            raise ValueError(
-                f"ExplanationEvaluator on '{self._dataset_name}': 'label' is {label} in dataset "
-                f"dict {input_.get('file_name', '')!r}, outside [0, {len(self._class_names)})."
-            )
-        return label
+        return checked_label(input_, self._class_names, "ExplanationEvaluator", self._dataset_name)
 
     def _choose_samples(self, labels, explained) -> List[int]:
         """The first ``vis_per_class`` explained images of each class, in data order."""
