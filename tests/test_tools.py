@@ -24,9 +24,10 @@ def _load_tool(name):
 
 @pytest.fixture(scope="module")
 def mini_datasets():
-    if "ucmerced_mini_train" not in DatasetCatalog.list():
-        register_ucmerced(MINI_ROOT, prefix="ucmerced_mini", allow_missing=True)
-    return "ucmerced_mini_train", "ucmerced_mini_test"
+    names = register_ucmerced(MINI_ROOT, prefix="ucmerced_mini", allow_missing=True)
+    yield "ucmerced_mini_train", "ucmerced_mini_test"
+    for name in names:
+        DatasetCatalog.remove(name)
 
 
 def _opts(output_dir, train, test):
