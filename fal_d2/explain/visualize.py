@@ -137,7 +137,8 @@ def save_grid_figure(
     bad = [i for i, row in enumerate(rows) if len(row) != len(columns)]
     if bad:
         raise ValueError(f"{path}: rows {bad} do not have one cell per column ({len(columns)})")
-    figure = Figure(figsize=(cell_size * len(columns), cell_size * len(rows) + 0.6))
+    height = cell_size * len(rows) + 0.6
+    figure = Figure(figsize=(cell_size * len(columns), height))
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), len(columns), squeeze=False)
     for r, row in enumerate(rows):
@@ -155,7 +156,8 @@ def save_grid_figure(
             axes[r][0].set_ylabel(row_labels[r], fontsize=7)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    # tight_layout ignores the suptitle: keep ~0.4 inch free above the first row for it.
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height) if title else None)
     atomic_save_figure(figure, path, dpi=dpi)
 
 
