@@ -110,3 +110,20 @@ def test_demo_writes_heatmaps_and_skips_bad_files(tmp_path):
     for entry in predictions.values():
         assert set(entry["heatmaps"]) == {"p2", "p3"}
         assert all(os.path.exists(path) for path in entry["heatmaps"].values())
+
+
+def test_benchmark_reports_ratios_to_the_baseline(tmp_path):
+    benchmark = _load_tool("benchmark")
+    output = tmp_path / "bench.json"
+    configs = [os.path.join(REPO_ROOT, "configs", name) for name in ("fpn_baseline.yaml", "fal_p2p3.yaml")]
+    rows = benchmark.main(
+        ["--configs", *configs, "--batch-size", "2", "--iters", "1", "--warmup", "0",
+         "--output", str(output), *[str(o) for o in TINY_OVERRIDES]]
+    )
+    baseline, fal = rows
+    assert baseline["gflops_ratio"] == 1.0 and baseline["attention_ms_img"] is None
+    assert fal["gflops"] > baseline["gflops"] and fal["params_M"] > baseline["params_M"]
+    assert fal["attention_ms_img"] > 0 and fal["gradcam_ms_img"] > 0
+    with open(output) as f:
+        written = json.load(f)
+    assert written["environment"]["device"] == "cpu" and len(written["results"]) == 2

@@ -175,7 +175,7 @@ def environment(args):
     }
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="first one is the baseline")
     parser.add_argument("--device", default="cpu")
@@ -184,7 +184,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rows = benchmark(args)
     columns = ["config", "params_M", "gflops", "gflops_ratio", "train_img_s", "train_time_ratio",
@@ -193,6 +193,7 @@ def main():
     if args.output:
         atomic_write_json(args.output, {"environment": environment(args), "results": rows})
         print(f"wrote {args.output}")
+    return rows
 
 
 if __name__ == "__main__":
