@@ -33,6 +33,32 @@ def make_tiny_cfg(config_name="fal_p2p3.yaml", *opts):
     return cfg
 
 
+def tiny_detection_overrides(train_set, val_set, input_size=96):
+    """On top of TINY_OVERRIDES: a ResNet-18 detector for small images of 3 classes."""
+    return [
+        "MODEL.FAL.BRANCH_CHANNELS", 32,  # GroupNorm(32, C) needs C divisible by 32
+        "MODEL.CLS_HEAD.NUM_CLASSES", 3,
+        "MODEL.ROI_HEADS.NUM_CLASSES", 3,
+        "MODEL.RETINANET.NUM_CLASSES", 3,
+        "MODEL.ANCHOR_GENERATOR.SIZES", [[16], [32], [64], [128], [256]],
+        "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 64,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
+        "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
+        "MODEL.ROI_BOX_HEAD.CONV_DIM", 32,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+        "INPUT.MIN_SIZE_TRAIN", (input_size,),
+        "INPUT.MAX_SIZE_TRAIN", input_size,
+        "INPUT.MIN_SIZE_TEST", input_size,
+        "INPUT.MAX_SIZE_TEST", input_size,
+        "DATASETS.TRAIN", (train_set,),
+        "DATASETS.TEST", (val_set,),
+        "DATALOADER.NUM_WORKERS", 0,
+        "SOLVER.IMS_PER_BATCH", 4,
+        "SOLVER.BASE_LR", 0.02,
+    ]
+
+
 @pytest.fixture
 def tiny_cfg():
     return make_tiny_cfg

@@ -25,6 +25,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 import fal_d2  # noqa: F401  (registers the meta-archs and backbones)
+from conftest import REPO_ROOT, TINY_OVERRIDES, tiny_detection_overrides
 from fal_d2.config import add_fal_config
 from fal_d2.data.shapes_coco import SHAPE_CLASSES, make_shapes_coco, register_shapes_coco
 from fal_d2.modeling import (
@@ -35,38 +36,12 @@ from fal_d2.modeling import (
     multi_hot_targets,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs", "COCO-Detection")
 IMAGE_SIZE = 128  # generated images; the model sees them resized to INPUT_SIZE
 INPUT_SIZE = 96
 TRAIN_SET, VAL_SET = "fal_test_shapes_train", "fal_test_shapes_val"
 
-TINY_DETECTION_OVERRIDES = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.RESNETS.DEPTH", 18,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-    "MODEL.FPN.OUT_CHANNELS", 32,
-    "MODEL.FAL.BRANCH_CHANNELS", 32,  # GroupNorm(32, C) needs C divisible by 32
-    "MODEL.CLS_HEAD.NUM_CLASSES", 3,
-    "MODEL.ROI_HEADS.NUM_CLASSES", 3,
-    "MODEL.RETINANET.NUM_CLASSES", 3,
-    "MODEL.ANCHOR_GENERATOR.SIZES", [[16], [32], [64], [128], [256]],
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 64,
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
-    "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
-    "MODEL.ROI_BOX_HEAD.CONV_DIM", 32,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-    "INPUT.MIN_SIZE_TRAIN", (INPUT_SIZE,),
-    "INPUT.MAX_SIZE_TRAIN", INPUT_SIZE,
-    "INPUT.MIN_SIZE_TEST", INPUT_SIZE,
-    "INPUT.MAX_SIZE_TEST", INPUT_SIZE,
-    "DATASETS.TRAIN", (TRAIN_SET,),
-    "DATASETS.TEST", (VAL_SET,),
-    "DATALOADER.NUM_WORKERS", 0,
-    "SOLVER.IMS_PER_BATCH", 4,
-    "SOLVER.BASE_LR", 0.02,
-]
+TINY_DETECTION_OVERRIDES = TINY_OVERRIDES + tiny_detection_overrides(TRAIN_SET, VAL_SET, INPUT_SIZE)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,7 +17,7 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.solver import build_optimizer
 from detectron2.utils.env import seed_all_rng
 
-from conftest import REPO_ROOT, TINY_OVERRIDES, make_tiny_cfg
+from conftest import REPO_ROOT, TINY_OVERRIDES, make_tiny_cfg, tiny_detection_overrides
 from fal_d2.data.shapes_coco import SHAPE_CLASSES, make_shapes_coco, register_shapes_coco
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.explain import (
@@ -40,29 +40,9 @@ RETINANET_CONFIG = "COCO-Detection/fal_retinanet_R_50_FPN_p3p4_1x.yaml"
 ROW_KEYS = ["method", "level", "class", "average_drop", "increase_in_confidence", "deletion_auc",
             "insertion_auc", "num_images"]
 # On top of conftest's TINY_OVERRIDES: a ResNet-18 detector for 96 px images of 3 classes.
-DETECTION_OPTS = [
-    "MODEL.FAL.BRANCH_CHANNELS", 32,  # GroupNorm(32, C)
-    "MODEL.CLS_HEAD.NUM_CLASSES", 3,
-    "MODEL.ROI_HEADS.NUM_CLASSES", 3,
-    "MODEL.RETINANET.NUM_CLASSES", 3,
-    "MODEL.ANCHOR_GENERATOR.SIZES", [[16], [32], [64], [128], [256]],
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 64,
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100,
-    "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
+DETECTION_OPTS = tiny_detection_overrides(TRAIN_SET, VAL_SET, INPUT_SIZE) + [
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,  # every image has detections, even untrained
     "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
-    "MODEL.ROI_BOX_HEAD.CONV_DIM", 32,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-    "INPUT.MIN_SIZE_TRAIN", (INPUT_SIZE,),
-    "INPUT.MAX_SIZE_TRAIN", INPUT_SIZE,
-    "INPUT.MIN_SIZE_TEST", INPUT_SIZE,
-    "INPUT.MAX_SIZE_TEST", INPUT_SIZE,
-    "DATASETS.TRAIN", (TRAIN_SET,),
-    "DATASETS.TEST", (VAL_SET,),
-    "DATALOADER.NUM_WORKERS", 0,
-    "SOLVER.IMS_PER_BATCH", 4,
-    "SOLVER.BASE_LR", 0.02,
 ]
 
 
