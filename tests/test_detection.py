@@ -44,14 +44,9 @@ TRAIN_SET, VAL_SET = "fal_test_shapes_train", "fal_test_shapes_val"
 TINY_DETECTION_OVERRIDES = TINY_OVERRIDES + tiny_detection_overrides(TRAIN_SET, VAL_SET, INPUT_SIZE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CPU extra threads spin-wait
-    (measured here: 30 training iterations took 8 s with one thread, 240 s with two)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny models gain nothing from intra-op threads; on a busy CPU extra threads spin-wait
+# (measured here: 30 training iterations took 8 s with one thread, 240 s with two).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_detection_cfg(config_name, *opts):
