@@ -31,6 +31,7 @@ def add_fal_config(cfg):
 
     cfg.DATALOADER.CACHE_IMAGES = True  # keep decoded images in memory: the set is small, decoding is not
 
+    cfg.TEST.IMS_PER_BATCH = 1  # images per inference batch per process; 1 is Detectron2's timing convention
     cfg.TEST.EXPLAIN = CN()
     cfg.TEST.EXPLAIN.ENABLED = False  # add ExplanationEvaluator beside the accuracy evaluator
     cfg.TEST.EXPLAIN.METHODS = ["attention", "gradcam", "gradcampp"]  # saliency methods (fal_d2.explain)

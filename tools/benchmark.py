@@ -3,12 +3,15 @@
 
     python tools/benchmark.py                              # R-50 FPN, 256 px, on the CPU
     python tools/benchmark.py --output docs/benchmark_cpu.json
-    python tools/benchmark.py --device cuda --batch-size 128 --iters 20
+    python tools/benchmark.py --device cuda --batch-size 128 --iters 20 --amp
 
 The first config is the baseline that ratios are taken against. Synthetic inputs isolate the
-model's cost from data loading. Results go to stdout as a table and, with --output, to JSON.
+model's cost from data loading. ``--amp`` runs every measurement under fp16 autocast (training
+with a GradScaler), as Detectron2's AMPTrainer trains with SOLVER.AMP.ENABLED. Results go to stdout
+as a table and, with --output, to JSON.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -91,32 +94,42 @@ def count_flops(model, cfg, device):
         return analysis.total() / 1e9
 
 
-def measure_training(model, cfg, batch_size, iters, warmup, device):
+def precision(amp, device):
+    """fp16 autocast when ``amp``, else full precision: the context every measured step runs in."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.float16)
+
+
+def measure_training(model, cfg, batch_size, iters, warmup, device, amp=False):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
     batch = synthetic_batch(cfg, batch_size, device)
 
     def step():
-        losses = model(batch)
+        with precision(amp, device):
+            losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return images_per_second(step, batch_size, iters, warmup, device)
 
 
-def measure_inference(model, cfg, batch_size, iters, warmup, device):
+def measure_inference(model, cfg, batch_size, iters, warmup, device, amp=False):
     model.eval()
     batch = synthetic_batch(cfg, batch_size, device)
 
     def step():
-        with torch.no_grad():
+        with torch.no_grad(), precision(amp, device):
             model(batch)
 
     return images_per_second(step, batch_size, iters, warmup, device)
 
 
-def measure_explanation_ms(model, cfg, method, levels, batch_size, iters, warmup, device):
+def measure_explanation_ms(model, cfg, method, levels, batch_size, iters, warmup, device, amp=False):
     """Milliseconds per image to get ``method``'s maps for ``levels`` (None if it does not apply)."""
     if method == "attention":
         attended = set(getattr(model.backbone, "attention_branches", {}))
@@ -125,7 +138,12 @@ def measure_explanation_ms(model, cfg, method, levels, batch_size, iters, warmup
             return None
     saliency = build_saliency_method(method, model, levels)
     batch = synthetic_batch(cfg, batch_size, device)
-    speed = images_per_second(lambda: saliency(batch), batch_size, iters, warmup, device)
+
+    def step():
+        with precision(amp, device):
+            saliency(batch)
+
+    speed = images_per_second(step, batch_size, iters, warmup, device)
     return 1000.0 / speed
 
 
@@ -141,13 +159,12 @@ def benchmark(args):
             "attention_levels": list(cfg.MODEL.FAL.ATTENTION_LEVELS),
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "gflops": count_flops(model, cfg, args.device),
-            "train_img_s": measure_training(model, cfg, args.batch_size, args.iters, args.warmup, args.device),
-            "infer_img_s": measure_inference(model, cfg, args.batch_size, args.iters, args.warmup, args.device),
         }
+        timing = (args.batch_size, args.iters, args.warmup, args.device, args.amp)
+        row["train_img_s"] = measure_training(model, cfg, *timing)
+        row["infer_img_s"] = measure_inference(model, cfg, *timing)
         for method in ("attention", "gradcam"):
-            row[f"{method}_ms_img"] = measure_explanation_ms(
-                model, cfg, method, explain_levels, args.batch_size, args.iters, args.warmup, args.device
-            )
+            row[f"{method}_ms_img"] = measure_explanation_ms(model, cfg, method, explain_levels, *timing)
         rows.append(row)
         print(f"measured {config_file}", flush=True)
     base = rows[0]
@@ -171,6 +188,7 @@ def environment(args):
         "python": platform.python_version(),
         "batch_size": args.batch_size,
         "iters": args.iters,
+        "amp": args.amp,
         "opts": args.opts,
     }
 
@@ -182,6 +200,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast, as SOLVER.AMP.ENABLED trains")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
     args = parser.parse_args(argv)

@@ -39,19 +39,14 @@ from tqdm import tqdm
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import (
-    DatasetCatalog,
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_test_loader,
-)
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import fal_d2  # noqa: F401  (registers the model parts)
 import fal_d2.data  # noqa: F401  (registers the UC Merced datasets)
 from fal_d2.config import add_fal_config
-from fal_d2.data import ClassificationDatasetMapper
+from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.explain import SALIENCY_METHODS
 from fal_d2.explain.visualize import explanation_grid, save_grid_figure
@@ -169,12 +164,15 @@ def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label):
         mapper = DatasetMapper(cfg, is_train=False)
     else:
         mapper = ClassificationDatasetMapper(cfg, is_train=False)
-    loader = build_detection_test_loader(
-        dataset_dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
+    loader = build_batched_test_loader(
+        dataset_dicts, mapper=mapper, batch_size=cfg.TEST.IMS_PER_BATCH,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
     evaluator.reset()
-    for inputs in tqdm(loader, total=len(dataset_dicts), desc=f"explaining {label}", unit="img"):
-        evaluator.process(inputs, None)
+    with tqdm(total=len(dataset_dicts), desc=f"explaining {label}", unit="img") as progress:
+        for inputs in loader:
+            evaluator.process(inputs, None)
+            progress.update(len(inputs))
     evaluator.evaluate()
     return evaluator
 

@@ -15,13 +15,18 @@ import torch
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 
 import fal_d2  # noqa: F401  (registers models and datasets)
 from fal_d2.config import add_fal_config, check_config_against_datasets
-from fal_d2.data import ClassificationDatasetMapper
+from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
 from fal_d2.evaluation import ClassificationEvaluator, ExplanationEvaluator
 from fal_d2.evaluation.report import write_evaluation_report
 
@@ -42,8 +47,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        mapper = ClassificationDatasetMapper(cfg, is_train=False) if is_classification(cfg) else None
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        """Detectron2's test loader, but with TEST.IMS_PER_BATCH images per batch."""
+        if is_classification(cfg):
+            mapper = ClassificationDatasetMapper(cfg, is_train=False)
+        else:
+            mapper = DatasetMapper(cfg, is_train=False)
+        return build_batched_test_loader(
+            get_detection_dataset_dicts([dataset_name], filter_empty=False),
+            mapper=mapper,
+            batch_size=cfg.TEST.IMS_PER_BATCH,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):

@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""The paper's experiment on a GPU in one call: cost, loader speed, training runs, layer analysis.
+
+    python tools/gpu_reproduce.py --output $OUT/gpu                          # everything
+    python tools/gpu_reproduce.py --output $OUT/gpu --stages cost            # cost and loader only
+    python tools/gpu_reproduce.py --runs fpn_baseline_s0 fal_p2p3_s0 --output $OUT/gpu \\
+        --stages train analysis
+
+(On the lent GPU machines, which have no package registry, ``tools/gpu_reproduce.sh`` installs the
+carried dependencies and the data first, then calls this.)
+
+Stages:
+  cost      params, FLOPs, synthetic training/inference img/s and explanation ms/img
+            (tools/benchmark.py under fp16 AMP), and the train loader alone, in img/s;
+  train     each run of --runs: tools/train_net.py from scratch with SOLVER.AMP, evaluated once at
+            the end (top-1, top-5, mean per-class accuracy, AD/IC per method and level);
+  analysis  tools/explain.py's layer analysis of the first FPN baseline run, tools/select_levels.py
+            on it, and the FAL-vs-FPN table and heatmap grids (airplane and all classes).
+
+Every stage writes JSON under --output; finished runs are skipped when the command is re-run with
+the same --output, so an interrupted call can be resumed. ``--deadline-s`` stops starting runs
+that the remaining time could not finish (estimated from the runs already made), so a call under a
+hard time limit still ends with its summary written. ``summary.json`` collects everything and a
+short table is printed.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+from tabulate import tabulate
+
+TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TOOLS_DIR)
+sys.path.insert(0, REPO_ROOT)
+
+from fal_d2.utils.atomic_io import atomic_write_json  # noqa: E402
+
+# (config, seed) of each run, in the order they are made: the pairs the comparison needs first.
+RUNS = {
+    "fpn_baseline_s0": ("configs/fpn_baseline.yaml", 0),
+    "fal_p2p3_s0": ("configs/fal_p2p3.yaml", 0),
+    "fpn_baseline_s1": ("configs/fpn_baseline.yaml", 1),
+    "fal_p2p3_s1": ("configs/fal_p2p3.yaml", 1),
+    "fal_p2_s0": ("configs/fal_p2.yaml", 0),
+    "fal_p3_s0": ("configs/fal_p3.yaml", 0),
+    "fal_p4_s0": ("configs/fal_p4.yaml", 0),
+    "fal_p5_s0": ("configs/fal_p5.yaml", 0),
+    "fal_all_s0": ("configs/fal_all.yaml", 0),
+    "abn_r50_s0": ("configs/abn_r50.yaml", 0),
+}
+STAGES = ("cost", "train", "analysis")
+BENCHMARK_CONFIGS = ["configs/fpn_baseline.yaml", "configs/fal_p2p3.yaml", "configs/fal_all.yaml"]
+EXPLAIN_METHODS = ["attention", "gradcam", "gradcampp"]
+
+
+def environment():
+    import detectron2
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "detectron2": detectron2.__version__,
+    }
+
+
+def common_opts(args):
+    """Overrides shared by every training run and analysis: GPU speed settings, final-only eval."""
+    opts = [
+        "SOLVER.AMP.ENABLED", "True",
+        "CUDNN_BENCHMARK", "True",
+        "DATALOADER.NUM_WORKERS", str(args.workers),
+        "TEST.IMS_PER_BATCH", str(args.test_batch),
+        "TEST.EXPLAIN.AUC_STEPS", "0",
+    ]
+    if args.device == "cpu":
+        opts += ["MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "False"]
+    return opts + list(args.opts)
+
+
+def run_logged(command, log_path):
+    """Run ``command`` with its output in ``log_path``; raise naming the log if it fails."""
+    with open(log_path, "w") as log:
+        completed = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        with open(log_path) as log:
+            tail = log.read()[-3000:]
+        raise RuntimeError(f"{' '.join(command[:4])} failed (exit {completed.returncode}); "
+                           f"log {log_path}:\n{tail}")
+
+
+# ---------------------------------------------------------------- cost
+
+
+def measure_loader(config_file, opts, batches, warmup):
+    """The training loader alone, in img/s: after ``warmup`` batches (first decodes) and cold."""
+    from detectron2.config import get_cfg
+
+    from fal_d2.config import add_fal_config
+    from fal_d2.data import ClassificationDatasetMapper
+    from detectron2.data import build_detection_train_loader
+
+    cfg = get_cfg()
+    add_fal_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, config_file))
+    cfg.merge_from_list(opts)
+    loader = iter(build_detection_train_loader(cfg, mapper=ClassificationDatasetMapper(cfg, True)))
+    start = time.perf_counter()
+    for _ in range(warmup):
+        next(loader)
+    warm = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    end = time.perf_counter()
+    batch_size = cfg.SOLVER.IMS_PER_BATCH
+    return {
+        "workers": cfg.DATALOADER.NUM_WORKERS,
+        "cache_images": cfg.DATALOADER.CACHE_IMAGES,
+        "batch_size": batch_size,
+        "cold_img_s": batch_size * warmup / (warm - start),
+        "warm_img_s": batch_size * batches / (end - warm),
+    }
+
+
+def stage_cost(args, output_dir):
+    sys.path.insert(0, TOOLS_DIR)
+    import benchmark
+
+    path = os.path.join(output_dir, "benchmark_gpu.json")
+    benchmark.main(["--configs", *BENCHMARK_CONFIGS, "--device", args.device, "--amp",
+                    "--batch-size", str(args.batch_size), "--iters", str(args.bench_iters),
+                    "--warmup", "3", "--output", path, *args.opts])
+    loader = [
+        measure_loader("configs/fal_p2p3.yaml", ["DATALOADER.NUM_WORKERS", str(workers), *args.opts],
+                       args.loader_batches, args.loader_warmup)
+        for workers in args.loader_workers
+    ]
+    print(tabulate(loader, headers="keys", floatfmt=".0f"))
+    atomic_write_json(os.path.join(output_dir, "loader.json"), loader)
+
+
+# ---------------------------------------------------------------- train
+
+
+def last_line_with(metrics_path, key):
+    found = None
+    with open(metrics_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if key in record:
+                found = record
+    return found
+
+
+def training_speed(metrics_path, batch_size, max_iter):
+    """
+    End-to-end img/s (data loading included) and the share of time spent waiting for data, from
+    Detectron2's per-iteration timers, leaving out the first fifth (cuDNN autotuning, the loader
+    workers' first decodes).
+    """
+    skip_iters = max_iter // 5
+    times, data_times = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "time" in record and record.get("iteration", 0) >= skip_iters:
+                times.append(record["time"])
+                data_times.append(record.get("data_time", 0.0))
+    if not times:
+        return {"train_img_s": None, "data_time_share": None}
+    mean_time = sum(times) / len(times)
+    return {"train_img_s": batch_size / mean_time,
+            "data_time_share": sum(data_times) / len(data_times) / mean_time}
+
+
+def summarize_run(run_dir, config_file, seed, wall_s):
+    from detectron2.config import get_cfg
+
+    from fal_d2.config import add_fal_config
+
+    cfg = get_cfg()
+    add_fal_config(cfg)
+    cfg.merge_from_file(os.path.join(run_dir, "config.yaml"))
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    final = last_line_with(metrics_path, "classification/top1") or {}
+    explain_path = os.path.join(run_dir, "explain", cfg.DATASETS.TEST[0], "explanation_metrics.json")
+    rows = []
+    if os.path.isfile(explain_path):
+        with open(explain_path) as f:
+            rows = [row for row in json.load(f)["rows"] if row["class"] in ("all", "airplane")]
+    return {
+        "config": config_file,
+        "seed": seed,
+        "attention_levels": list(cfg.MODEL.FAL.ATTENTION_LEVELS),
+        "max_iter": cfg.SOLVER.MAX_ITER,
+        "batch_size": cfg.SOLVER.IMS_PER_BATCH,
+        "wall_s": wall_s,
+        **training_speed(metrics_path, cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER),
+        "top1": final.get("classification/top1"),
+        "top5": final.get("classification/top5"),
+        "mean_class_acc": final.get("classification/mean_class_acc"),
+        "explanation_rows": rows,
+    }
+
+
+def stage_train(args, output_dir, deadline):
+    for name in args.runs:
+        config_file, seed = RUNS[name]
+        run_dir = os.path.join(output_dir, "runs", name)
+        summary_path = os.path.join(run_dir, "run_summary.json")
+        if os.path.isfile(summary_path):
+            print(f"{name}: already done, skipped")
+            continue
+        if not deadline.allows(name):
+            print(f"{name}: not started, the deadline would cut it off")
+            continue
+        os.makedirs(run_dir, exist_ok=True)
+        command = [sys.executable, os.path.join(TOOLS_DIR, "train_net.py"), "--config-file", config_file,
+                   "OUTPUT_DIR", run_dir, "SEED", str(seed), "TEST.EVAL_PERIOD", "0",
+                   "SOLVER.CHECKPOINT_PERIOD", "1000000", "TEST.EXPLAIN.ENABLED", "True",
+                   "TEST.EXPLAIN.METHODS", str(EXPLAIN_METHODS), *common_opts(args)]
+        if args.max_iter:
+            command += ["SOLVER.MAX_ITER", str(args.max_iter)]
+        start = time.perf_counter()
+        run_logged(command, os.path.join(run_dir, "train_log.txt"))
+        wall_s = time.perf_counter() - start
+        deadline.record(wall_s)
+        summary = summarize_run(run_dir, config_file, seed, wall_s)
+        atomic_write_json(summary_path, summary)
+        print(f"{name}: top1 {summary['top1']}, {summary['train_img_s'] or 0:.0f} img/s, "
+              f"{wall_s:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def stage_analysis(args, output_dir):
+    """Layer analysis of the seed-0 baseline, level selection, and FAL vs FPN (seed 0 each)."""
+    runs_dir = os.path.join(output_dir, "runs")
+    baseline = os.path.join(runs_dir, "fpn_baseline_s0", "model_final.pth")
+    fal = os.path.join(runs_dir, "fal_p2p3_s0", "model_final.pth")
+    analysis_dir = os.path.join(output_dir, "analysis")
+    os.makedirs(analysis_dir, exist_ok=True)
+    if not (os.path.isfile(baseline) and os.path.isfile(fal)):
+        print("analysis: needs fpn_baseline_s0 and fal_p2p3_s0 trained in this --output; skipped")
+        return
+    explain = [sys.executable, os.path.join(TOOLS_DIR, "explain.py"), "--class-name", "airplane",
+               "--auc-steps", "0", "--vis-per-class", "1"]
+    layer_dir = os.path.join(analysis_dir, "layer_analysis")
+    run_logged(explain + ["--config-file", "configs/fpn_baseline.yaml", "--weights", baseline,
+                          "--methods", "gradcam", "gradcampp", "--output", layer_dir,
+                          *common_opts(args)],
+               os.path.join(analysis_dir, "layer_analysis_log.txt"))
+    metrics = [os.path.join(root, name) for root, _, names in os.walk(layer_dir)
+               for name in names if name == "explanation_metrics.json"]
+    run_logged([sys.executable, os.path.join(TOOLS_DIR, "select_levels.py"), metrics[0],
+                "--output", os.path.join(analysis_dir, "fal_selected.yaml")],
+               os.path.join(analysis_dir, "select_levels_log.txt"))
+    run_logged(explain + ["--config-file", "configs/fal_p2p3.yaml", "--weights", fal,
+                          "--compare-config", "configs/fpn_baseline.yaml", "--compare-weights", baseline,
+                          "--methods", *EXPLAIN_METHODS, "--output",
+                          os.path.join(analysis_dir, "fal_vs_fpn"), *common_opts(args)],
+               os.path.join(analysis_dir, "fal_vs_fpn_log.txt"))
+
+
+# ---------------------------------------------------------------- summary
+
+
+class Deadline:
+    """Start a run only if the time left fits the longest run so far (plus a margin)."""
+
+    def __init__(self, seconds):
+        self.end = time.perf_counter() + seconds if seconds else None
+        self.longest = 0.0
+
+    def allows(self, name):
+        return self.end is None or time.perf_counter() + 1.1 * self.longest + 20 < self.end
+
+    def record(self, seconds):
+        self.longest = max(self.longest, seconds)
+
+
+def summarize(output_dir):
+    runs = {}
+    for name in RUNS:
+        path = os.path.join(output_dir, "runs", name, "run_summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs[name] = json.load(f)
+    summary = {"environment": environment(), "runs": runs}
+    for name in ("benchmark_gpu.json", "loader.json"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                summary[name[: -len(".json")]] = json.load(f)
+    atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
+    table = [[name, r["top1"], r["mean_class_acc"], r["train_img_s"], r["data_time_share"], r["wall_s"]]
+             for name, r in runs.items()]
+    print(tabulate(table, headers=["run", "top1", "mean_cls", "train img/s", "data share", "wall s"],
+                   floatfmt=".3g"))
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=os.environ.get("OUT", "output/gpu"), metavar="DIR")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--max-iter", type=int, help="override every config's SOLVER.MAX_ITER")
+    parser.add_argument("--workers", type=int, default=12, help="DATALOADER.NUM_WORKERS")
+    parser.add_argument("--test-batch", type=int, default=64, help="TEST.IMS_PER_BATCH")
+    parser.add_argument("--batch-size", type=int, default=128, help="benchmark batch size")
+    parser.add_argument("--bench-iters", type=int, default=20)
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[6, 12])
+    parser.add_argument("--loader-batches", type=int, default=60)
+    parser.add_argument("--loader-warmup", type=int, default=30)
+    parser.add_argument("--deadline-s", type=float, help="start no run that would end after this")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
+    args = parser.parse_args(argv)
+
+    deadline = Deadline(args.deadline_s)
+    os.makedirs(args.output, exist_ok=True)
+    if "cost" in args.stages:
+        stage_cost(args, args.output)
+    if "train" in args.stages:
+        stage_train(args, args.output, deadline)
+    if "analysis" in args.stages:
+        stage_analysis(args, args.output)
+    return summarize(args.output)
+
+
+if __name__ == "__main__":
+    main()
