@@ -8,6 +8,7 @@ def add_fal_config(cfg):
     cfg.MODEL.RESNETS.NORM = "BN"  # trainable BatchNorm in the ResNet trunk
     cfg.MODEL.BACKBONE.FREEZE_AT = 0  # train every ResNet stage, stem included
 
+    cfg.MODEL.CHANNELS_LAST = False  # NHWC tensors: tensor-core convolutions without layout transposes (GPU + AMP)
     cfg.MODEL.FAL = CN()
     cfg.MODEL.FAL.ATTENTION_LEVELS = []  # backbone outputs that get an attention branch; [] = plain backbone
     cfg.MODEL.FAL.ATTENTION_BRANCH = "ABNAttentionBranch"  # name in ATTENTION_BRANCH_REGISTRY

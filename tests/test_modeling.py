@@ -236,3 +236,21 @@ def test_detector_num_classes_must_match_dataset(tiny_cfg):
     cfg.MODEL.META_ARCHITECTURE = "FALRetinaNet"
     cfg.MODEL.RETINANET.NUM_CLASSES = 3
     check_config_against_datasets(cfg)
+
+
+def test_channels_last_gives_the_same_outputs(tiny_cfg):
+    """MODEL.CHANNELS_LAST changes memory layout only: same weights, same scores and maps."""
+    torch.manual_seed(0)
+    reference = build_model(tiny_cfg()).eval()
+    nhwc = build_model(tiny_cfg("fal_p2p3.yaml", "MODEL.CHANNELS_LAST", True)).eval()
+    nhwc.load_state_dict(reference.state_dict())
+    conv_weight = nhwc.backbone.bottom_up.stem.conv1.weight
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv_weight.is_contiguous()
+    inputs = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)} for _ in range(2)]
+    with torch.no_grad():
+        expected, actual = reference(inputs), nhwc(inputs)
+    for e, a in zip(expected, actual):
+        torch.testing.assert_close(a["scores"], e["scores"], rtol=1e-4, atol=1e-5)
+        for level in e["attention"]:
+            torch.testing.assert_close(a["attention"][level], e["attention"][level], rtol=1e-4, atol=1e-5)

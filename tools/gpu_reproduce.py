@@ -55,6 +55,7 @@ RUNS = {
     "abn_r50_s0": ("configs/abn_r50.yaml", 0),
 }
 STAGES = ("cost", "train", "analysis")
+ANALYSED_RUNS = ("fpn_baseline_s0", "fal_p2p3_s0")  # the analysis stage explains these two
 BENCHMARK_CONFIGS = ["configs/fpn_baseline.yaml", "configs/fal_p2p3.yaml", "configs/fal_all.yaml"]
 EXPLAIN_METHODS = ["attention", "gradcam", "gradcampp"]
 
@@ -77,7 +78,7 @@ def common_opts(args):
     """Overrides shared by every training run and analysis: GPU speed settings, final-only eval."""
     opts = [
         "SOLVER.AMP.ENABLED", "True",
-        "CUDNN_BENCHMARK", "True",
+        "MODEL.CHANNELS_LAST", "True",
         "DATALOADER.NUM_WORKERS", str(args.workers),
         "TEST.IMS_PER_BATCH", str(args.test_batch),
         "TEST.EXPLAIN.AUC_STEPS", "0",
@@ -212,8 +213,8 @@ def summarize_run(run_dir, config_file, seed, wall_s):
     }
 
 
-def stage_train(args, output_dir, deadline):
-    for name in args.runs:
+def stage_train(args, output_dir, deadline, runs):
+    for name in runs:
         config_file, seed = RUNS[name]
         run_dir = os.path.join(output_dir, "runs", name)
         summary_path = os.path.join(run_dir, "run_summary.json")
@@ -227,7 +228,8 @@ def stage_train(args, output_dir, deadline):
         command = [sys.executable, os.path.join(TOOLS_DIR, "train_net.py"), "--config-file", config_file,
                    "OUTPUT_DIR", run_dir, "SEED", str(seed), "TEST.EVAL_PERIOD", "0",
                    "SOLVER.CHECKPOINT_PERIOD", "1000000", "TEST.EXPLAIN.ENABLED", "True",
-                   "TEST.EXPLAIN.METHODS", str(EXPLAIN_METHODS), *common_opts(args)]
+                   "TEST.EXPLAIN.METHODS", str(EXPLAIN_METHODS), "TEST.EXPLAIN.VIS_PER_CLASS", "1",
+                   *common_opts(args)]
         if args.max_iter:
             command += ["SOLVER.MAX_ITER", str(args.max_iter)]
         start = time.perf_counter()
@@ -246,13 +248,15 @@ def stage_train(args, output_dir, deadline):
 def stage_analysis(args, output_dir):
     """Layer analysis of the seed-0 baseline, level selection, and FAL vs FPN (seed 0 each)."""
     runs_dir = os.path.join(output_dir, "runs")
-    baseline = os.path.join(runs_dir, "fpn_baseline_s0", "model_final.pth")
-    fal = os.path.join(runs_dir, "fal_p2p3_s0", "model_final.pth")
+    baseline, fal = (os.path.join(runs_dir, name, "model_final.pth") for name in ANALYSED_RUNS)
     analysis_dir = os.path.join(output_dir, "analysis")
-    os.makedirs(analysis_dir, exist_ok=True)
+    if os.path.isdir(os.path.join(analysis_dir, "figures")):
+        print("analysis: already done, skipped")
+        return
     if not (os.path.isfile(baseline) and os.path.isfile(fal)):
         print("analysis: needs fpn_baseline_s0 and fal_p2p3_s0 trained in this --output; skipped")
         return
+    os.makedirs(analysis_dir, exist_ok=True)
     explain = [sys.executable, os.path.join(TOOLS_DIR, "explain.py"), "--class-name", "airplane",
                "--auc-steps", "0", "--vis-per-class", "1"]
     layer_dir = os.path.join(analysis_dir, "layer_analysis")
@@ -270,6 +274,25 @@ def stage_analysis(args, output_dir):
                           "--methods", *EXPLAIN_METHODS, "--output",
                           os.path.join(analysis_dir, "fal_vs_fpn"), *common_opts(args)],
                os.path.join(analysis_dir, "fal_vs_fpn_log.txt"))
+    shrink_grids(analysis_dir)
+
+
+def shrink_grids(analysis_dir, max_width=1400):
+    """Copies of the FAL-vs-FPN grids at most ``max_width`` px wide in analysis/figures, small
+    enough to carry back and commit (the full-size grids have a 256 px cell per image and level)."""
+    from PIL import Image
+
+    figures_dir = os.path.join(analysis_dir, "figures")
+    os.makedirs(figures_dir, exist_ok=True)
+    for name in ("fal_vs_fpn",):
+        folder = os.path.join(analysis_dir, name)
+        for grid in sorted(f for f in os.listdir(folder) if f.startswith("grid_")):
+            with Image.open(os.path.join(folder, grid)) as image:
+                image = image.convert("RGB")
+                scale = min(1.0, max_width / image.width)
+                image = image.resize((round(image.width * scale), round(image.height * scale)),
+                                     Image.LANCZOS)
+                image.save(os.path.join(figures_dir, f"{name}_{grid}"), optimize=True)
 
 
 # ---------------------------------------------------------------- summary
@@ -332,10 +355,14 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     if "cost" in args.stages:
         stage_cost(args, args.output)
+    # The analysis needs only the seed-0 pair: it runs right after them, before the other runs.
+    first = [name for name in args.runs if name in ANALYSED_RUNS]
     if "train" in args.stages:
-        stage_train(args, args.output, deadline)
+        stage_train(args, args.output, deadline, first)
     if "analysis" in args.stages:
         stage_analysis(args, args.output)
+    if "train" in args.stages:
+        stage_train(args, args.output, deadline, [name for name in args.runs if name not in first])
     return summarize(args.output)
 
 

@@ -23,6 +23,6 @@ status=0
 timeout "${GPU_TIME_LIMIT_S:-570}" python3 tools/gpu_reproduce.py --output "$work" "$@" || status=$?
 cp "$work/summary.json" "$out/" 2>/dev/null || true
 (cd "$work" && find . \( -name '*.json' -o -name '*.md' -o -name '*.csv' -o -name '*.yaml' \
-   -o -name 'grid_*.png' -o -name 'confusion_matrix.png' -o -name '*log.txt' \) -print0 \
+   -o -path './analysis/figures/*.png' -o -name '*log.txt' \) -print0 \
  | tar czf "$out/results.tar.gz" --null -T -)
 exit $status

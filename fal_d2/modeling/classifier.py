@@ -24,7 +24,13 @@ class FALClassifier(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, backbone, head, pixel_mean, pixel_std, input_format, att_loss_weight=1.0):
+    def __init__(self, *, backbone, head, pixel_mean, pixel_std, input_format, att_loss_weight=1.0,
+                 channels_last=False):
+        """
+        Args:
+            channels_last (bool): keep weights and images in NHWC memory format. Under AMP on a
+                tensor-core GPU, NCHW convolutions pay for layout transposes around every call.
+        """
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -32,6 +38,8 @@ class FALClassifier(nn.Module):
         self.att_loss_weight = att_loss_weight
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)  # later .to(device) calls keep the format
 
     @classmethod
     def from_config(cls, cfg):
@@ -43,6 +51,7 @@ class FALClassifier(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
             "att_loss_weight": cfg.MODEL.FAL.ATT_LOSS_WEIGHT,
+            "channels_last": cfg.MODEL.CHANNELS_LAST,
         }
 
     @property
@@ -53,7 +62,9 @@ class FALClassifier(nn.Module):
         """Normalize, pad and batch the images, as Detectron2's meta-archs do."""
         images = [x["image"].to(self.device) for x in batched_inputs]
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        tensor = images.tensor.contiguous(memory_format=self.memory_format)
+        return ImageList(tensor, images.image_sizes)
 
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
