@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -107,14 +108,13 @@ def measure_loader(config_file, opts, batches, warmup):
     from detectron2.config import get_cfg
 
     from fal_d2.config import add_fal_config
-    from fal_d2.data import ClassificationDatasetMapper
-    from detectron2.data import build_detection_train_loader
+    from fal_d2.data import build_classification_train_loader
 
     cfg = get_cfg()
     add_fal_config(cfg)
     cfg.merge_from_file(os.path.join(REPO_ROOT, config_file))
     cfg.merge_from_list(opts)
-    loader = iter(build_detection_train_loader(cfg, mapper=ClassificationDatasetMapper(cfg, True)))
+    loader = iter(build_classification_train_loader(cfg))
     start = time.perf_counter()
     for _ in range(warmup):
         next(loader)
@@ -162,25 +162,27 @@ def last_line_with(metrics_path, key):
     return found
 
 
-def training_speed(metrics_path, batch_size, max_iter):
+def training_speed(run_dir, batch_size):
     """
-    End-to-end img/s (data loading included) and the share of time spent waiting for data, from
-    Detectron2's per-iteration timers, leaving out the first fifth (cuDNN autotuning, the loader
-    workers' first decodes).
+    End-to-end img/s from Detectron2's "Overall training speed" log line (wall time per iteration,
+    data loading and hooks included), and the median share of an iteration spent waiting for data.
     """
-    skip_iters = max_iter // 5
-    times, data_times = [], []
-    with open(metrics_path) as f:
+    seconds_per_iter = None
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        for line in f:
+            match = re.search(r"Overall training speed: .* \(([0-9.]+) s / it\)", line)
+            if match:
+                seconds_per_iter = float(match.group(1))
+    shares = []
+    with open(os.path.join(run_dir, "metrics.json")) as f:
         for line in f:
             record = json.loads(line)
-            if "time" in record and record.get("iteration", 0) >= skip_iters:
-                times.append(record["time"])
-                data_times.append(record.get("data_time", 0.0))
-    if not times:
-        return {"train_img_s": None, "data_time_share": None}
-    mean_time = sum(times) / len(times)
-    return {"train_img_s": batch_size / mean_time,
-            "data_time_share": sum(data_times) / len(data_times) / mean_time}
+            if record.get("time"):
+                shares.append(record.get("data_time", 0.0) / record["time"])
+    return {
+        "train_img_s": batch_size / seconds_per_iter if seconds_per_iter else None,
+        "data_time_share": sorted(shares)[len(shares) // 2] if shares else None,
+    }
 
 
 def summarize_run(run_dir, config_file, seed, wall_s):
@@ -205,7 +207,7 @@ def summarize_run(run_dir, config_file, seed, wall_s):
         "max_iter": cfg.SOLVER.MAX_ITER,
         "batch_size": cfg.SOLVER.IMS_PER_BATCH,
         "wall_s": wall_s,
-        **training_speed(metrics_path, cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER),
+        **training_speed(run_dir, cfg.SOLVER.IMS_PER_BATCH),
         "top1": final.get("classification/top1"),
         "top5": final.get("classification/top5"),
         "mean_class_acc": final.get("classification/mean_class_acc"),

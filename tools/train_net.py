@@ -26,7 +26,11 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_resul
 
 import fal_d2  # noqa: F401  (registers models and datasets)
 from fal_d2.config import add_fal_config, check_config_against_datasets
-from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
+from fal_d2.data import (
+    ClassificationDatasetMapper,
+    build_batched_test_loader,
+    build_classification_train_loader,
+)
 from fal_d2.evaluation import ClassificationEvaluator, ExplanationEvaluator
 from fal_d2.evaluation.report import write_evaluation_report
 
@@ -42,8 +46,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        mapper = ClassificationDatasetMapper(cfg, is_train=True) if is_classification(cfg) else None
-        return build_detection_train_loader(cfg, mapper=mapper)
+        if is_classification(cfg):
+            return build_classification_train_loader(cfg)
+        return build_detection_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -1,6 +1,7 @@
 """fal_d2 data: UC Merced registration and mapper, and the synthetic shapes COCO set."""
 from . import shapes_coco, ucmerced  # noqa: F401  (register the builtin ucmerced_*, shapes_coco_*)
 from .mapper import ClassificationDatasetMapper, RandomRotate90, Rot90Transform
+from .stacked_batches import UnstackedImages, build_classification_train_loader, stack_images
 from .test_loader import build_batched_test_loader
 from .ucmerced import CLASS_NAMES, load_ucmerced, register_ucmerced
 
@@ -9,7 +10,10 @@ __all__ = [
     "ClassificationDatasetMapper",
     "RandomRotate90",
     "Rot90Transform",
+    "UnstackedImages",
     "build_batched_test_loader",
+    "build_classification_train_loader",
     "load_ucmerced",
     "register_ucmerced",
+    "stack_images",
 ]
