@@ -162,10 +162,11 @@ def last_line_with(metrics_path, key):
     return found
 
 
-def training_speed(run_dir, batch_size):
+def training_img_s(run_dir, batch_size):
     """
-    End-to-end img/s from Detectron2's "Overall training speed" log line (wall time per iteration,
-    data loading and hooks included), and the median share of an iteration spent waiting for data.
+    End-to-end training img/s from Detectron2's "Overall training speed" log line: wall time per
+    iteration, data loading and hooks included. (metrics.json holds window medians, which hide the
+    occasional long wait for data.)
     """
     seconds_per_iter = None
     with open(os.path.join(run_dir, "log.txt")) as f:
@@ -173,16 +174,7 @@ def training_speed(run_dir, batch_size):
             match = re.search(r"Overall training speed: .* \(([0-9.]+) s / it\)", line)
             if match:
                 seconds_per_iter = float(match.group(1))
-    shares = []
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("time"):
-                shares.append(record.get("data_time", 0.0) / record["time"])
-    return {
-        "train_img_s": batch_size / seconds_per_iter if seconds_per_iter else None,
-        "data_time_share": sorted(shares)[len(shares) // 2] if shares else None,
-    }
+    return batch_size / seconds_per_iter if seconds_per_iter else None
 
 
 def summarize_run(run_dir, config_file, seed, wall_s):
@@ -207,7 +199,7 @@ def summarize_run(run_dir, config_file, seed, wall_s):
         "max_iter": cfg.SOLVER.MAX_ITER,
         "batch_size": cfg.SOLVER.IMS_PER_BATCH,
         "wall_s": wall_s,
-        **training_speed(run_dir, cfg.SOLVER.IMS_PER_BATCH),
+        "train_img_s": training_img_s(run_dir, cfg.SOLVER.IMS_PER_BATCH),
         "top1": final.get("classification/top1"),
         "top5": final.get("classification/top5"),
         "mean_class_acc": final.get("classification/mean_class_acc"),
@@ -328,9 +320,9 @@ def summarize(output_dir):
             with open(path) as f:
                 summary[name[: -len(".json")]] = json.load(f)
     atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
-    table = [[name, r["top1"], r["mean_class_acc"], r["train_img_s"], r["data_time_share"], r["wall_s"]]
+    table = [[name, r["top1"], r["mean_class_acc"], r["train_img_s"], r["wall_s"]]
              for name, r in runs.items()]
-    print(tabulate(table, headers=["run", "top1", "mean_cls", "train img/s", "data share", "wall s"],
+    print(tabulate(table, headers=["run", "top1", "mean_cls", "train img/s", "wall s"],
                    floatfmt=".3g"))
     return summary
 
