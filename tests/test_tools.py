@@ -112,13 +112,14 @@ def test_demo_writes_heatmaps_and_skips_bad_files(tmp_path):
         assert all(os.path.exists(path) for path in entry["heatmaps"].values())
 
 
-def test_benchmark_reports_ratios_to_the_baseline(tmp_path):
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_benchmark_reports_ratios_to_the_baseline(tmp_path, amp):
     benchmark = _load_tool("benchmark")
     output = tmp_path / "bench.json"
     configs = [os.path.join(REPO_ROOT, "configs", name) for name in ("fpn_baseline.yaml", "fal_p2p3.yaml")]
     rows = benchmark.main(
         ["--configs", *configs, "--batch-size", "2", "--iters", "1", "--warmup", "0",
-         "--output", str(output), *[str(o) for o in TINY_OVERRIDES]]
+         "--output", str(output), *(["--amp"] if amp else []), *[str(o) for o in TINY_OVERRIDES]]
     )
     baseline, fal = rows
     assert baseline["gflops_ratio"] == 1.0 and baseline["attention_ms_img"] is None
@@ -127,3 +128,4 @@ def test_benchmark_reports_ratios_to_the_baseline(tmp_path):
     with open(output) as f:
         written = json.load(f)
     assert written["environment"]["device"] == "cpu" and len(written["results"]) == 2
+    assert written["environment"]["amp"] is amp

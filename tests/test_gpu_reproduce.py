@@ -1,0 +1,66 @@
+"""tools/gpu_reproduce.py's bookkeeping: run summaries, speed from the log, the deadline."""
+import json
+import os
+
+from detectron2.config import get_cfg
+
+from fal_d2.config import add_fal_config
+
+from conftest import REPO_ROOT
+from test_tools import _load_tool
+
+
+def _fake_run(run_dir, seconds_per_iter=0.25):
+    """The files a finished train_net.py run leaves, as gpu_reproduce reads them."""
+    os.makedirs(os.path.join(run_dir, "explain", "ucmerced_test"))
+    cfg = get_cfg()
+    add_fal_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"))
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    with open(os.path.join(run_dir, "log.txt"), "w") as f:
+        f.write("[11/24 12:49:13] d2.engine.hooks INFO: Overall training speed: 1298 iterations "
+                f"in 0:02:53 ({seconds_per_iter:.4f} s / it)\n")
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        f.write(json.dumps({"iteration": 19, "time": 0.2, "data_time": 0.01}) + "\n")
+        f.write(json.dumps({"classification/top1": 90.0, "classification/top5": 99.0,
+                            "classification/mean_class_acc": 89.5, "iteration": 1299}) + "\n")
+    rows = [{"method": "gradcam", "level": "p2", "class": name, "average_drop": 80.0}
+            for name in ("all", "airplane", "beach")]
+    with open(os.path.join(run_dir, "explain", "ucmerced_test", "explanation_metrics.json"), "w") as f:
+        json.dump({"rows": rows}, f)
+
+
+def test_run_summary_reads_accuracy_speed_and_explanations(tmp_path):
+    gpu_reproduce = _load_tool("gpu_reproduce")
+    run_dir = str(tmp_path / "runs" / "fal_p2p3_s0")
+    _fake_run(run_dir, seconds_per_iter=0.25)
+    summary = gpu_reproduce.summarize_run(run_dir, "configs/fal_p2p3.yaml", 0, wall_s=300.0)
+    assert summary["attention_levels"] == ["p2", "p3"]
+    assert summary["train_img_s"] == 128 / 0.25  # batch 128 over the log's wall time per iteration
+    assert (summary["top1"], summary["top5"], summary["mean_class_acc"]) == (90.0, 99.0, 89.5)
+    assert [row["class"] for row in summary["explanation_rows"]] == ["all", "airplane"]
+
+
+def test_summary_collects_finished_runs(tmp_path):
+    gpu_reproduce = _load_tool("gpu_reproduce")
+    run_dir = str(tmp_path / "runs" / "fal_p2p3_s0")
+    _fake_run(run_dir)
+    with open(os.path.join(run_dir, "run_summary.json"), "w") as f:
+        json.dump(gpu_reproduce.summarize_run(run_dir, "configs/fal_p2p3.yaml", 0, 1.0), f)
+    os.makedirs(tmp_path / "runs" / "fpn_baseline_s0")  # started, never finished: not reported
+    summary = gpu_reproduce.summarize(str(tmp_path))
+    assert list(summary["runs"]) == ["fal_p2p3_s0"]
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)["runs"]["fal_p2p3_s0"]["top1"] == 90.0
+
+
+def test_deadline_refuses_runs_that_would_not_finish():
+    gpu_reproduce = _load_tool("gpu_reproduce")
+    assert gpu_reproduce.Deadline(None).allows("any")
+    deadline = gpu_reproduce.Deadline(100.0)
+    assert deadline.allows("first")  # nothing measured yet
+    deadline.record(30.0)
+    assert deadline.allows("second")
+    deadline.record(90.0)
+    assert not deadline.allows("third")
