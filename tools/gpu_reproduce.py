@@ -75,11 +75,15 @@ def environment():
     }
 
 
+def layout_opts(args):
+    """NHWC on the GPU, for the benchmark and the runs alike (so the cost is that of the runs)."""
+    return ["MODEL.CHANNELS_LAST", str(args.device == "cuda")]
+
+
 def common_opts(args):
     """Overrides shared by every training run and analysis: GPU speed settings, final-only eval."""
-    opts = [
+    opts = layout_opts(args) + [
         "SOLVER.AMP.ENABLED", "True",
-        "MODEL.CHANNELS_LAST", "True",
         "DATALOADER.NUM_WORKERS", str(args.workers),
         "TEST.IMS_PER_BATCH", str(args.test_batch),
         "TEST.EXPLAIN.AUC_STEPS", "0",
@@ -139,7 +143,7 @@ def stage_cost(args, output_dir):
     path = os.path.join(output_dir, "benchmark_gpu.json")
     benchmark.main(["--configs", *BENCHMARK_CONFIGS, "--device", args.device, "--amp",
                     "--batch-size", str(args.batch_size), "--iters", str(args.bench_iters),
-                    "--warmup", "3", "--output", path, *args.opts])
+                    "--warmup", "3", "--output", path, *layout_opts(args), *args.opts])
     loader = [
         measure_loader("configs/fal_p2p3.yaml", ["DATALOADER.NUM_WORKERS", str(workers), *args.opts],
                        args.loader_batches, args.loader_warmup)
