@@ -17,10 +17,10 @@ Stages:
   analysis  tools/explain.py's layer analysis of the first FPN baseline run, tools/select_levels.py
             on it, and the FAL-vs-FPN table and heatmap grids (airplane and all classes).
 
-Every stage writes JSON under --output; finished runs are skipped when the command is re-run with
-the same --output, so an interrupted call can be resumed. ``--deadline-s`` stops starting runs
-that the remaining time could not finish (estimated from the runs already made), so a call under a
-hard time limit still ends with its summary written. ``summary.json`` collects everything and a
+Every stage writes JSON under --output. Re-running with the same --output skips finished runs,
+and a run that was cut off resumes from its last checkpoint. ``--deadline-s`` stops starting runs
+that the remaining time could not finish (estimated from the runs already made), so a call under
+a hard time limit still ends with its summary written. ``summary.json`` collects everything and a
 short table is printed.
 """
 import argparse
@@ -94,8 +94,8 @@ def common_opts(args):
 
 
 def run_logged(command, log_path):
-    """Run ``command`` with its output in ``log_path``; raise naming the log if it fails."""
-    with open(log_path, "w") as log:
+    """Run ``command`` with its output appended to ``log_path``; raise naming the log if it fails."""
+    with open(log_path, "a") as log:
         completed = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     if completed.returncode != 0:
         with open(log_path) as log:
@@ -223,9 +223,11 @@ def stage_train(args, output_dir, deadline, runs):
             print(f"{name}: not started, the deadline would cut it off")
             continue
         os.makedirs(run_dir, exist_ok=True)
+        # --resume continues from the run's last checkpoint (SOLVER.CHECKPOINT_PERIOD) if a
+        # previous call was cut off mid-run, and starts from scratch otherwise.
         command = [sys.executable, os.path.join(TOOLS_DIR, "train_net.py"), "--config-file", config_file,
-                   "OUTPUT_DIR", run_dir, "SEED", str(seed), "TEST.EVAL_PERIOD", "0",
-                   "SOLVER.CHECKPOINT_PERIOD", "1000000", "TEST.EXPLAIN.ENABLED", "True",
+                   "--resume", "OUTPUT_DIR", run_dir, "SEED", str(seed), "TEST.EVAL_PERIOD", "0",
+                   "TEST.EXPLAIN.ENABLED", "True",
                    "TEST.EXPLAIN.METHODS", str(EXPLAIN_METHODS), "TEST.EXPLAIN.VIS_PER_CLASS", "1",
                    *common_opts(args)]
         if args.max_iter:
