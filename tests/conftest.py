@@ -1,5 +1,7 @@
 """Shared test fixtures: tiny CPU-sized fal_d2 configs."""
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -31,6 +33,27 @@ def make_tiny_cfg(config_name="fal_p2p3.yaml", *opts):
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", config_name))
     cfg.merge_from_list(TINY_OVERRIDES + list(opts))
     return cfg
+
+
+def load_script(relative_path):
+    """Import a repo script (tools/*.py, datasets/*.py) as a module, registered in sys.modules
+    under its file stem so that worker processes can unpickle its functions. A script already
+    loaded from the same file is reused, as by import: a second copy under the same name would
+    make the first copy's functions unpicklable."""
+    path = os.path.join(REPO_ROOT, relative_path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__file__", None) == path:
+        return module
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # no half-executed module for the next caller to reuse
+        raise
+    return module
 
 
 def tiny_detection_overrides(train_set, val_set, input_size=96):

@@ -1,6 +1,5 @@
 """FAL detectors (FALRCNN, FALRetinaNet) on the synthetic shapes set, tiny and on the CPU."""
 import glob
-import importlib.util
 import json
 import os
 
@@ -25,7 +24,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 import fal_d2  # noqa: F401  (registers the meta-archs and backbones)
-from conftest import REPO_ROOT, TINY_OVERRIDES, tiny_detection_overrides
+from conftest import REPO_ROOT, TINY_OVERRIDES, load_script, tiny_detection_overrides
 from fal_d2.config import add_fal_config
 from fal_d2.data.shapes_coco import SHAPE_CLASSES, make_shapes_coco, register_shapes_coco
 from fal_d2.modeling import (
@@ -286,11 +285,7 @@ def test_shapes_set_is_deterministic_valid_coco(tmp_path):
 
 
 def test_make_shapes_coco_command_line(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "make_shapes_coco", os.path.join(REPO_ROOT, "datasets", "make_shapes_coco.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(os.path.join("datasets", "make_shapes_coco.py"))
     output = tmp_path / "set"
     args = ["--output", str(output), "--num-images", "2", "--size", "64", "--seed", "3"]
     assert script.main(args) == 0

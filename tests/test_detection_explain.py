@@ -1,6 +1,5 @@
 """Explanations of detectors (FALRCNN, FALRetinaNet, plain FPN): top-detection targets, the
 evaluator and tools/explain.py, on tiny models and the synthetic shapes set, on the CPU."""
-import importlib.util
 import json
 import os
 
@@ -17,7 +16,7 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.solver import build_optimizer
 from detectron2.utils.env import seed_all_rng
 
-from conftest import REPO_ROOT, TINY_OVERRIDES, make_tiny_cfg, tiny_detection_overrides
+from conftest import REPO_ROOT, TINY_OVERRIDES, load_script, make_tiny_cfg, tiny_detection_overrides
 from fal_d2.data.shapes_coco import SHAPE_CLASSES, make_shapes_coco, register_shapes_coco
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.explain import (
@@ -296,12 +295,7 @@ def test_model_state_unchanged_after_explaining(trained_rcnn, shapes_sets):
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "explain_tool", os.path.join(REPO_ROOT, "tools", "explain.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join("tools", "explain.py"))
 
 
 def test_explain_tool_end_to_end_on_detectors(trained_rcnn, tmp_path):

@@ -1,6 +1,5 @@
 """ExplanationEvaluator and tools/explain.py on tiny random models and a synthetic dataset."""
 import datetime
-import importlib.util
 import json
 import os
 import pickle
@@ -16,7 +15,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
-from conftest import REPO_ROOT, TINY_OVERRIDES, make_tiny_cfg
+from conftest import REPO_ROOT, TINY_OVERRIDES, load_script, make_tiny_cfg
 from fal_d2.data import ClassificationDatasetMapper
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.explain import GradCAM
@@ -207,11 +206,7 @@ def test_two_gloo_processes_match_one(records, tmp_path):
 
 
 def _load_tool():
-    path = os.path.join(REPO_ROOT, "tools", "explain.py")
-    spec = importlib.util.spec_from_file_location("explain_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join("tools", "explain.py"))
 
 
 def test_explain_tool_end_to_end(records, tmp_path):

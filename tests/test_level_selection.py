@@ -1,6 +1,5 @@
 """Choosing attention levels from a baseline's explanation metrics; the select_levels.py tool."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,8 @@ from fal_d2.evaluation.level_selection import (
     rank_levels,
     select_weakest_levels,
 )
+
+from conftest import load_script
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO_ROOT, "tools", "select_levels.py")
@@ -127,10 +128,7 @@ def test_load_errors(tmp_path, content, message):
 
 def load_tool():
     """tools/ is not a package: load select_levels.py as a module to call its main() in-process."""
-    spec = importlib.util.spec_from_file_location("select_levels", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join("tools", "select_levels.py"))
 
 
 select_levels = load_tool()

@@ -6,7 +6,6 @@ $FAL_D2_SHARED/datasets/UCMerced_LandUse, by default ../shared relative to the r
 the location CI provides, and is skipped when they are absent.
 """
 import hashlib
-import importlib.util
 import io
 import os
 import re
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "datasets" / "prepare_ucmerced.py"
 MINI = REPO / "tests" / "data" / "ucmerced_mini"
@@ -29,11 +30,8 @@ SHARED_UCMERCED = (
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_ucmerced", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes unpickle its functions by module name
-    spec.loader.exec_module(module)
-    return module
+    """Registered in sys.modules by load_script: worker processes unpickle its functions by name."""
+    return load_script(os.path.join("datasets", "prepare_ucmerced.py"))
 
 
 prep = _load_script()

@@ -1,5 +1,4 @@
 """End-to-end runs of tools/train_net.py and tools/demo.py on the committed UC Merced subset."""
-import importlib.util
 import json
 import os
 
@@ -10,16 +9,13 @@ from detectron2.engine import default_argument_parser
 
 from fal_d2.data import register_ucmerced
 
-from conftest import REPO_ROOT, TINY_OVERRIDES
+from conftest import REPO_ROOT, TINY_OVERRIDES, load_script
 
 MINI_ROOT = os.path.join(REPO_ROOT, "tests", "data", "ucmerced_mini")
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join("tools", f"{name}.py"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ in $FAL_D2_SHARED/datasets/UCMerced_LandUse, where FAL_D2_SHARED defaults to ../
 the repository root (the location CI provides), and are skipped when neither exists.
 """
 import csv
-import importlib.util
 import json
 import os
 import random
@@ -35,6 +34,8 @@ from fal_d2.data import (
 from fal_d2.data import mapper as mapper_module
 from fal_d2.data.ucmerced import SPLIT_FILE, build_ucmerced_split, load_ucmerced_split
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "tests" / "data" / "ucmerced_mini"
 CANONICAL_STEMS = {name: [f"{name}{i:02d}" for i in range(100)] for name in CLASS_NAMES}
@@ -61,9 +62,7 @@ def _committed_split():
 
 def test_class_names_sorted_and_shared_with_prepare_script():
     assert len(CLASS_NAMES) == 21 and CLASS_NAMES == sorted(CLASS_NAMES)
-    spec = importlib.util.spec_from_file_location("prep", REPO / "datasets" / "prepare_ucmerced.py")
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
+    prep = load_script(os.path.join("datasets", "prepare_ucmerced.py"))
     assert list(prep.CLASS_NAMES) == CLASS_NAMES
 
 
@@ -185,10 +184,7 @@ def test_full_dataset_splits():
 
 def test_split_script_reproduces_committed_file_from_full_dataset(tmp_path):
     root = _full_dataset_root()
-    path = REPO / "datasets" / "make_ucmerced_split.py"
-    spec = importlib.util.spec_from_file_location("make_ucmerced_split", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(os.path.join("datasets", "make_ucmerced_split.py"))
     output = tmp_path / "split.json"
     assert script.main(["--dataset", str(root), "--output", str(output)]) == 0
     assert output.read_bytes() == Path(SPLIT_FILE).read_bytes()
