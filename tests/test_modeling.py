@@ -254,3 +254,23 @@ def test_channels_last_gives_the_same_outputs(tiny_cfg):
         torch.testing.assert_close(a["scores"], e["scores"], rtol=1e-4, atol=1e-5)
         for level in e["attention"]:
             torch.testing.assert_close(a["attention"][level], e["attention"][level], rtol=1e-4, atol=1e-5)
+
+
+def test_batched_map_resize_equals_resizing_each_map():
+    """Grouping images by size must not change any map: mixed image and output sizes in one batch."""
+    from fal_d2.modeling import level_maps_to_images
+
+    torch.manual_seed(0)
+    maps = torch.rand(4, 8, 10)
+    padded_size = (32, 40)
+    image_sizes = [(32, 40), (30, 36), (32, 40), (30, 36)]
+    output_sizes = [(64, 80), (45, 54), (64, 80), (30, 36)]
+    batched = level_maps_to_images(maps, padded_size, image_sizes, output_sizes)
+    for i, (image_size, output_size) in enumerate(zip(image_sizes, output_sizes)):
+        full = torch.nn.functional.interpolate(maps[i][None, None], size=padded_size, mode="bilinear",
+                                               align_corners=False)
+        cropped = full[:, :, : image_size[0], : image_size[1]]
+        expected = torch.nn.functional.interpolate(cropped, size=output_size, mode="bilinear",
+                                                   align_corners=False)[0, 0]
+        assert batched[i].shape == output_size
+        torch.testing.assert_close(batched[i], expected)

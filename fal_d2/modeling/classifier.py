@@ -10,7 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
 from .cls_head import build_cls_head
-from .map_resize import level_map_to_image
+from .map_resize import level_maps_to_images
 
 
 @META_ARCH_REGISTRY.register()
@@ -84,23 +84,26 @@ class FALClassifier(nn.Module):
     @staticmethod
     def postprocess(logits, attention, batched_inputs, images: ImageList) -> List[Dict]:
         scores = logits.float().softmax(dim=1)
+        pred_classes = scores.argmax(dim=1).tolist()  # one device sync for the batch
         padded_size = tuple(images.tensor.shape[-2:])
-        results = []
-        for i, (inputs, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            output_size = (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
-            results.append(
-                {
-                    "scores": scores[i],
-                    "pred_class": int(scores[i].argmax()),
-                    "attention": {
-                        level: level_map_to_image(out.attention[i, 0], padded_size, image_size,
-                                                  output_size)
-                        for level, out in attention.items()
-                    },
-                    "attention_raw": {level: out.attention[i, 0] for level, out in attention.items()},
-                    "attention_scores": {
-                        level: out.logits[i].float().softmax(dim=0) for level, out in attention.items()
-                    },
-                }
-            )
-        return results
+        output_sizes = [
+            (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
+            for inputs, image_size in zip(batched_inputs, images.image_sizes)
+        ]
+        resized = {
+            level: level_maps_to_images(out.attention[:, 0], padded_size, images.image_sizes,
+                                        output_sizes)
+            for level, out in attention.items()
+        }
+        branch_scores = {level: out.logits.float().softmax(dim=1) for level, out in attention.items()}
+        return [
+            {
+                "scores": scores[i],
+                "pred_class": pred_classes[i],
+                "attention": {level: maps[i] for level, maps in resized.items()},
+                "attention_raw": {level: out.attention[i, 0] for level, out in attention.items()},
+                "attention_scores": {level: level_scores[i]
+                                     for level, level_scores in branch_scores.items()},
+            }
+            for i in range(len(batched_inputs))
+        ]

@@ -1,8 +1,36 @@
-"""Bring level-resolution maps back to the input image's original size."""
-from typing import Tuple
+"""Bring level-resolution maps back to the input images' original sizes."""
+from collections import defaultdict
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+
+def level_maps_to_images(
+    level_maps: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_sizes: Sequence[Tuple[int, int]],
+    output_sizes: Sequence[Tuple[int, int]],
+) -> List[torch.Tensor]:
+    """Resize (N, h, w) maps computed on a padded batch to each image's original (height, width).
+
+    A level's map covers the whole padded batch tensor, so it is first upsampled to the padded
+    size, cropped to the image's own (resized) extent, then resized to the original image size.
+    Images that share both sizes are resized together: per-image calls made inference of a
+    batch of 128 launch hundreds of tiny kernels per level.
+    """
+    full = F.interpolate(level_maps[:, None].float(), size=padded_size, mode="bilinear",
+                         align_corners=False)
+    groups = defaultdict(list)
+    for i, sizes in enumerate(zip(image_sizes, output_sizes)):
+        groups[tuple(map(tuple, sizes))].append(i)
+    resized: List[torch.Tensor] = [None] * len(level_maps)
+    for (image_size, output_size), indices in groups.items():
+        cropped = full[indices, :, : image_size[0], : image_size[1]]
+        maps = F.interpolate(cropped, size=output_size, mode="bilinear", align_corners=False)
+        for i, resized_map in zip(indices, maps[:, 0]):
+            resized[i] = resized_map
+    return resized
 
 
 def level_map_to_image(
@@ -11,12 +39,5 @@ def level_map_to_image(
     image_size: Tuple[int, int],
     output_size: Tuple[int, int],
 ) -> torch.Tensor:
-    """Resize a (h, w) map computed on a padded batch to one image's original (height, width).
-
-    A level's map covers the whole padded batch tensor, so it is first upsampled to the padded
-    size, cropped to the image's own (resized) extent, then resized to the original image size.
-    """
-    full = F.interpolate(level_map[None, None].float(), size=padded_size, mode="bilinear",
-                         align_corners=False)
-    cropped = full[:, :, : image_size[0], : image_size[1]]
-    return F.interpolate(cropped, size=output_size, mode="bilinear", align_corners=False)[0, 0]
+    """:func:`level_maps_to_images` for one (h, w) map."""
+    return level_maps_to_images(level_map[None], padded_size, [image_size], [output_size])[0]
