@@ -250,3 +250,36 @@ def test_explain_tool_end_to_end(records, tmp_path):
         _load_tool().main(["--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
                            "--dataset", DATASET, "--class-name", "desert",
                            "--output", str(output), *opts])
+
+
+def test_batched_test_loader_gives_the_same_metrics_as_batch_one(records):
+    """TEST.IMS_PER_BATCH changes speed only: accuracy and explanation metrics are per image."""
+    from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
+
+    from fal_d2.data import build_batched_test_loader
+    from fal_d2.evaluation import ClassificationEvaluator
+
+    cfg = _cfg()
+    model = _model(cfg)
+    mapper = ClassificationDatasetMapper(cfg, is_train=False)
+    results = {}
+    for batch_size in (1, 4):
+        loader = build_batched_test_loader(records, mapper=mapper, batch_size=batch_size)
+        assert [len(batch) for batch in loader] == ([1] * 6 if batch_size == 1 else [4, 2])
+        evaluators = DatasetEvaluators([
+            ClassificationEvaluator(DATASET, distributed=False),
+            ExplanationEvaluator(DATASET, model, ["attention", "gradcam"], ["p2", "p3"],
+                                 vis_per_class=0, auc_steps=0, distributed=False),
+        ])
+        results[batch_size] = inference_on_dataset(model, loader, evaluators)
+    assert results[1]["classification"] == results[4]["classification"]
+    assert results[1]["explanation"].keys() == results[4]["explanation"].keys()
+    for key, value in results[1]["explanation"].items():
+        assert results[4]["explanation"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+
+
+def test_batched_test_loader_rejects_a_zero_batch(records):
+    from fal_d2.data import build_batched_test_loader
+
+    with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH"):
+        build_batched_test_loader(records, mapper=lambda record: record, batch_size=0)
