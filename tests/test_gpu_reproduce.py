@@ -25,7 +25,8 @@ def _fake_run(run_dir, seconds_per_iter=0.25):
         f.write(json.dumps({"iteration": 19, "time": 0.2, "data_time": 0.01}) + "\n")
         f.write(json.dumps({"classification/top1": 90.0, "classification/top5": 99.0,
                             "classification/mean_class_acc": 89.5, "iteration": 1299}) + "\n")
-    rows = [{"method": "gradcam", "level": "p2", "class": name, "average_drop": 80.0}
+    rows = [{"method": "gradcam", "level": "p2", "class": name, "average_drop": 80.0,
+             "increase_in_confidence": 5.0}
             for name in ("all", "airplane", "beach")]
     with open(os.path.join(run_dir, "explain", "ucmerced_test", "explanation_metrics.json"), "w") as f:
         json.dump({"rows": rows}, f)
@@ -53,6 +54,26 @@ def test_summary_collects_finished_runs(tmp_path):
     assert list(summary["runs"]) == ["fal_p2p3_s0"]
     with open(tmp_path / "summary.json") as f:
         assert json.load(f)["runs"]["fal_p2p3_s0"]["top1"] == 90.0
+    with open(tmp_path / "runs.md") as f:
+        table = f.read().splitlines()
+    assert len(table) == 3  # header, rule, the one finished run
+    assert table[2] == ("| `fal_p2p3_s0` | 0 | p2, p3 | 90.0 | 99.0 | 89.5 | 512 | 1 | "
+                        "gradcam p2 80.0 / 5.0 |")
+
+
+def test_runs_table_lists_each_method_and_level_of_the_whole_test_split():
+    gpu_reproduce = _load_tool("gpu_reproduce")
+    rows = [{"method": "attention", "level": "p3", "class": "all", "average_drop": 86.04,
+             "increase_in_confidence": 4.05},
+            {"method": "attention", "level": "p3", "class": "airplane", "average_drop": 99.9,
+             "increase_in_confidence": 0.0},
+            {"method": "gradcam", "level": "p2", "class": "all", "average_drop": 80.44,
+             "increase_in_confidence": None}]
+    run = {"seed": 1, "attention_levels": [], "top1": 67.14, "top5": None, "mean_class_acc": 67.1,
+           "train_img_s": None, "wall_s": 557.4, "explanation_rows": rows}
+    row = gpu_reproduce.runs_markdown({"fpn_baseline_s1": run}).splitlines()[2]
+    assert row == ("| `fpn_baseline_s1` | 1 | – | 67.1 | – | 67.1 | – | 557 | "
+                   "attention p3 86.0 / 4.0; gradcam p2 80.4 / – |")
 
 
 def test_deadline_refuses_runs_that_would_not_finish():

@@ -20,8 +20,11 @@ Stages:
 Every stage writes JSON under --output. Re-running with the same --output skips finished runs,
 and a run that was cut off resumes from its last checkpoint. ``--deadline-s`` stops starting runs
 that the remaining time could not finish (estimated from the runs already made), so a call under
-a hard time limit still ends with its summary written. ``summary.json`` collects everything and a
-short table is printed.
+a hard time limit still ends with its summary written. ``summary.json`` collects everything,
+``runs.md`` holds the runs as a Markdown table, and a short table is printed.
+
+``--device cpu`` with config overrides runs the same experiment at a reduced schedule on a CPU
+(docs/RESULTS.md gives the command used for the CPU ablations).
 """
 import argparse
 import datetime
@@ -40,7 +43,7 @@ TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TOOLS_DIR)
 sys.path.insert(0, REPO_ROOT)
 
-from fal_d2.utils.atomic_io import atomic_write_json  # noqa: E402
+from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # (config, seed) of each run, in the order they are made: the pairs the comparison needs first.
 RUNS = {
@@ -312,6 +315,28 @@ class Deadline:
         self.longest = max(self.longest, seconds)
 
 
+def runs_markdown(runs):
+    """The runs as a Markdown table for docs/RESULTS.md: accuracy, speed, and AD / IC (%, all
+    test images) of each explanation method and level the run evaluated."""
+    header = ["run", "seed", "attention levels", "top-1 %", "top-5 %", "mean per-class %",
+              "train img/s", "wall s", "AD / IC per method and level"]
+
+    def number(value, digits=1):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, run in runs.items():
+        explanations = "; ".join(
+            f"{row['method']} {row['level']} {number(row['average_drop'])} / "
+            f"{number(row['increase_in_confidence'])}"
+            for row in run["explanation_rows"] if row["class"] == "all")
+        cells = [f"`{name}`", str(run["seed"]), ", ".join(run["attention_levels"]) or "–",
+                 number(run["top1"]), number(run["top5"]), number(run["mean_class_acc"]),
+                 number(run["train_img_s"], 0), number(run["wall_s"], 0), explanations or "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summarize(output_dir):
     runs = {}
     for name in RUNS:
@@ -326,6 +351,7 @@ def summarize(output_dir):
             with open(path) as f:
                 summary[name[: -len(".json")]] = json.load(f)
     atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
+    atomic_write_text(os.path.join(output_dir, "runs.md"), runs_markdown(runs))
     table = [[name, r["top1"], r["mean_class_acc"], r["train_img_s"], r["wall_s"]]
              for name, r in runs.items()]
     print(tabulate(table, headers=["run", "top1", "mean_cls", "train img/s", "wall s"],
@@ -348,7 +374,10 @@ def main(argv=None):
     parser.add_argument("--loader-batches", type=int, default=60)
     parser.add_argument("--loader-warmup", type=int, default=30)
     parser.add_argument("--deadline-s", type=float, help="start no run that would end after this")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="config overrides for every run (KEY VALUE ...). They go last, after an "
+                             "option with one value (e.g. --output DIR): a list option such as --runs "
+                             "would take them as its own values")
     args = parser.parse_args(argv)
 
     deadline = Deadline(args.deadline_s)
