@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from fal_d2.modeling.map_resize import level_map_to_image
+from fal_d2.modeling.map_resize import level_maps_to_images
 
 __all__ = [
     "normalize_saliency",
@@ -50,9 +50,8 @@ def normalize_saliency(
         raise ValueError(f"saliency must be (N, h, w), got shape {tuple(saliency.shape)}")
     size = tuple(size)
     padded_size = tuple(padded_size or size)
-    resized = saliency.new_zeros((len(saliency),) + size, dtype=torch.float32)
-    for i, level_map in enumerate(saliency):
-        resized[i] = level_map_to_image(level_map, padded_size, size, size)
+    sizes = [size] * len(saliency)
+    resized = torch.stack(level_maps_to_images(saliency, padded_size, sizes, sizes))
     flat = resized.flatten(1)
     low = flat.min(dim=1, keepdim=True).values
     span = flat.max(dim=1, keepdim=True).values - low

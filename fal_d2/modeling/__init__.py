@@ -14,7 +14,7 @@ from .fal_backbone import (
     build_fal_resnet_fpn_backbone,
     build_fal_retinanet_resnet_fpn_backbone,
 )
-from .map_resize import level_map_to_image, level_maps_to_images
+from .map_resize import level_maps_to_images
 from .detection_attention import add_attention_maps, attention_losses, multi_hot_targets
 from .fal_rcnn import FALRCNN
 from .fal_retinanet import FALRetinaNet

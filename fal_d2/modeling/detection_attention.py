@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from detectron2.structures import ImageList, Instances
 
 from .attention_branch import AttentionOutput
-from .map_resize import level_map_to_image
+from .map_resize import level_maps_to_images
 
 __all__ = [
     "check_detection_attention_config",
@@ -80,12 +80,15 @@ def add_attention_maps(
     if not attention:
         return results
     padded_size = tuple(images.tensor.shape[-2:])
-    for i, (result, inputs, image_size) in enumerate(
-        zip(results, batched_inputs, images.image_sizes)
-    ):
-        output_size = (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
-        result["attention"] = {
-            level: level_map_to_image(output.attention[i, 0], padded_size, image_size, output_size)
-            for level, output in attention.items()
-        }
+    output_sizes = [
+        (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
+        for inputs, image_size in zip(batched_inputs, images.image_sizes)
+    ]
+    resized = {
+        level: level_maps_to_images(output.attention[:, 0], padded_size, images.image_sizes,
+                                    output_sizes)
+        for level, output in attention.items()
+    }
+    for i, result in enumerate(results):
+        result["attention"] = {level: maps[i] for level, maps in resized.items()}
     return results

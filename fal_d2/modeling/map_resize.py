@@ -32,12 +32,3 @@ def level_maps_to_images(
             resized[i] = resized_map
     return resized
 
-
-def level_map_to_image(
-    level_map: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-) -> torch.Tensor:
-    """:func:`level_maps_to_images` for one (h, w) map."""
-    return level_maps_to_images(level_map[None], padded_size, [image_size], [output_size])[0]
