@@ -18,6 +18,20 @@ def add_fal_config(cfg):
     cfg.MODEL.FAL.ATT_LOSS_WEIGHT = 1.0  # lambda in L = L_per + sum_levels lambda * L_att(level), as in ABN
     cfg.MODEL.FAL.RESNET_ATTENTION_AFTER = "res4"  # ABN on a plain ResNet: the stage whose output is attended
 
+    # Budgeted keep/destroy objective for the branches' class maps (FALClassifier only): a map T,
+    # the top k % of a level's class map for the label, masks the normalised image, and the model
+    # must keep its class on T*x (Average Drop's criterion) and lose it on (1-T)*x (GAIN's
+    # attention mining). See fal_d2/modeling/faithful_map_loss.py.
+    cfg.MODEL.FAL.FAITHFUL_MAP = CN()
+    cfg.MODEL.FAL.FAITHFUL_MAP.ENABLED = False  # add loss_map_keep/destroy/area to the training losses
+    cfg.MODEL.FAL.FAITHFUL_MAP.KEEP_WEIGHT = 1.0  # weight of the cross-entropy of the label on T*x
+    cfg.MODEL.FAL.FAITHFUL_MAP.DESTROY_WEIGHT = 0.5  # weight of the label's probability on (1-T)*x
+    cfg.MODEL.FAL.FAITHFUL_MAP.AREA_WEIGHT = 0.5  # weight of mean(T): without it, keeping is bought with coverage
+    cfg.MODEL.FAL.FAITHFUL_MAP.BUDGETS = [15, 50]  # T keeps the top k % of the map, k drawn per image from these
+    cfg.MODEL.FAL.FAITHFUL_MAP.SHARPNESS = 20.0  # soft top-k: T = S * sigmoid(SHARPNESS * (S - k-th quantile))
+    cfg.MODEL.FAL.FAITHFUL_MAP.IMS_PER_LEVEL = 4  # images of each batch masked per branch (cost: 2 extra passes each)
+    cfg.MODEL.FAL.FAITHFUL_MAP.START_ITER = 0  # first iteration with the objective; let the maps form first
+
     cfg.MODEL.CLS_HEAD = CN()
     cfg.MODEL.CLS_HEAD.NAME = "PooledFusionHead"  # name in CLS_HEAD_REGISTRY (perception head)
     cfg.MODEL.CLS_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]  # backbone outputs the head pools and fuses
@@ -35,13 +49,15 @@ def add_fal_config(cfg):
     cfg.TEST.IMS_PER_BATCH = 1  # images per inference batch per process; 1 is Detectron2's timing convention
     cfg.TEST.EXPLAIN = CN()
     cfg.TEST.EXPLAIN.ENABLED = False  # add ExplanationEvaluator beside the accuracy evaluator
-    cfg.TEST.EXPLAIN.METHODS = ["attention", "gradcam", "gradcampp"]  # saliency methods (fal_d2.explain)
+    cfg.TEST.EXPLAIN.METHODS = ["branch_cam", "attention", "gradcam", "gradcampp"]  # saliency methods (fal_d2.explain)
     cfg.TEST.EXPLAIN.LEVELS = ["p2", "p3", "p4", "p5"]  # pyramid levels to explain
     cfg.TEST.EXPLAIN.TARGET = "pred"  # class explained: "pred" (predicted) or "gt" (ground truth)
     cfg.TEST.EXPLAIN.VIS_PER_CLASS = 2  # images per class drawn as heatmaps in the grid figure and report
     cfg.TEST.EXPLAIN.OUTPUT_DIR = ""  # heatmaps, grids, metrics and report go to <this>/<dataset>; "" = OUTPUT_DIR/explain
     cfg.TEST.EXPLAIN.AUC_STEPS = 16  # steps of the RISE deletion/insertion curves; 0 skips them (2*(steps+1) forwards/image)
     cfg.TEST.EXPLAIN.INSERTION_BASELINE = "blur"  # image the insertion curve starts from: "blur" (RISE) or "zero"
+    cfg.TEST.EXPLAIN.MASK = "normalized"  # masked pixels: "normalized" (mean colour, as pytorch-grad-cam/TorchCAM) or "pixel" (black)
+    cfg.TEST.EXPLAIN.BUDGETS = [15, 50]  # AD/IC also with only each map's top k % of pixels kept (TAME); 100 = the whole map
 
 
 def _model_num_classes(cfg):

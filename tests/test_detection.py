@@ -241,7 +241,7 @@ def test_multi_hot_targets_and_attention_loss():
     logits = torch.tensor([[5.0, -5.0, 5.0], [-5.0, -5.0, -5.0]])
     attention = {
         level: AttentionOutput(features=None, logits=level_logits, attention=None,
-                               class_response=None)
+                               class_response=None, class_maps=None)
         for level, level_logits in [("p2", logits), ("p3", -logits)]
     }
     losses = attention_losses(attention, gt, weight=0.5)

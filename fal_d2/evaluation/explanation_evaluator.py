@@ -25,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 
 from fal_d2.explain import SALIENCY_METHODS
-from fal_d2.explain.faithfulness import INSERTION_BASELINES
+from fal_d2.explain.faithfulness import INSERTION_BASELINES, MASK_CONVENTIONS
 from fal_d2.explain.scoring import score_explanations
 from fal_d2.explain.targets import build_target
 from fal_d2.explain.visualize import (
@@ -39,10 +39,31 @@ from fal_d2.utils.atomic_io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["ExplanationEvaluator"]
 
-# Per (method, level, class) running sums; every reported metric is a ratio of two of them.
-_SUMS = ("num_images", "average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc")
-_METRICS = _SUMS[1:]
+# Per (method, level, class) running sums; every reported metric is a ratio of two of them. The
+# budgeted metrics (``budget_metrics``) follow these.
+_METRICS = ("average_drop", "increase_in_confidence", "coverage", "deletion_auc", "insertion_auc")
 TARGETS = ("pred", "gt")
+
+
+def budget_suffix(percent: float) -> str:
+    """Row-key suffix of a budget: "_top15" for the top 15 % of pixels."""
+    return f"_top{percent:g}"
+
+
+def budget_metrics(budgets: Sequence[float]) -> List[str]:
+    """Row keys of the budgeted metrics, budget by budget."""
+    return [f"{metric}{budget_suffix(percent)}" for percent in budgets
+            for metric in ("average_drop", "increase_in_confidence")]
+
+
+def check_budgets(budgets: Sequence[float]) -> List[float]:
+    """The budgets below 100 % in increasing order (100 % is the whole map: the plain columns)."""
+    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, float))
+           or not 0 < b <= 100]
+    if bad:
+        raise ValueError(f"TEST.EXPLAIN.BUDGETS: {bad} outside (0, 100]; budgets are percentages "
+                         f"of each map's most salient pixels, e.g. [15, 50]")
+    return sorted({float(b) for b in budgets if b < 100})
 VIS_MAX_SIDE = 128  # kept visualisation images and maps are downscaled to at most this many pixels
 
 
@@ -57,11 +78,16 @@ class ExplanationEvaluator(DatasetEvaluator):
     batch's inputs (with gradients enabled inside ``process``); the model outputs passed to
     ``process`` are not used.
 
-    Memory does not grow with the dataset: the state is a (method-level, class, 5) array of sums
-    and at most ``vis_per_class`` downscaled samples per class for the heatmap figures.
+    Maps are also scored at fixed budgets (their top k % of pixels), and every row reports the
+    maps' coverage: AD and IC reward maps that keep more of the image.
+
+    The state is a (method-level, class, metric) array of sums, each image's Average Drops (for
+    Win % between models, a few numbers per image) and at most ``vis_per_class`` downscaled
+    samples per class for the heatmap figures.
 
     After :meth:`evaluate`, on the main process, ``rows`` holds the metric rows (the
-    ``explanation_metrics.json`` schema), ``samples`` the kept samples in class order,
+    ``explanation_metrics.json`` schema), ``per_image_drops`` each image's Average Drop by
+    "method/level/metric" and image id, ``samples`` the kept samples in class order,
     ``method_levels`` the levels explained by each method and ``num_images_skipped`` the number
     of images with nothing to explain (a detector's images without a detection).
     """
@@ -78,6 +104,8 @@ class ExplanationEvaluator(DatasetEvaluator):
         distributed: bool = True,
         auc_steps: int = 16,
         insertion_baseline: str = "blur",
+        mask: str = "normalized",
+        budgets: Sequence[float] = (15, 50),
     ):
         """
         Args:
@@ -95,6 +123,9 @@ class ExplanationEvaluator(DatasetEvaluator):
             auc_steps: steps of the deletion/insertion curves; 0 skips these metrics (they cost
                 2 * (auc_steps + 1) forward passes per image, method and level).
             insertion_baseline: "blur" (RISE) or "zero", see :mod:`fal_d2.explain.faithfulness`.
+            mask: what masked pixels become: "normalized" (the mean colour: pytorch-grad-cam's and
+                TorchCAM's convention) or "pixel" (black).
+            budgets: percentages of each map's top pixels at which AD and IC are also reported.
         """
         if target not in TARGETS:
             raise ValueError(f"TEST.EXPLAIN.TARGET={target!r}; expected one of {TARGETS}")
@@ -104,6 +135,11 @@ class ExplanationEvaluator(DatasetEvaluator):
             raise ValueError(
                 f"insertion_baseline={insertion_baseline!r}; expected one of {INSERTION_BASELINES}"
             )
+        if mask not in MASK_CONVENTIONS:
+            raise ValueError(f"TEST.EXPLAIN.MASK={mask!r}; expected one of {MASK_CONVENTIONS}")
+        self._mask = mask
+        self._budgets = check_budgets(budgets)
+        self._metrics = list(_METRICS) + budget_metrics(self._budgets)
         self._dataset_name = dataset_name
         self._class_names = _class_names(dataset_name)
         self._model = model
@@ -128,6 +164,7 @@ class ExplanationEvaluator(DatasetEvaluator):
             (name, level) for name, levels in self.method_levels.items() for level in levels
         ]
         self.rows: List[dict] = []
+        self.per_image_drops: Dict[str, Dict[str, float]] = {}
         self.samples: List[ExplanationSample] = []
         self.num_images_skipped = 0
         self.reset()
@@ -154,6 +191,8 @@ class ExplanationEvaluator(DatasetEvaluator):
             distributed=distributed,
             auc_steps=explain.AUC_STEPS,
             insertion_baseline=explain.INSERTION_BASELINE,
+            mask=explain.MASK,
+            budgets=explain.BUDGETS,
         )
 
     def _build_explainers(self, model, methods: List[str], levels: List[str]):
@@ -189,7 +228,9 @@ class ExplanationEvaluator(DatasetEvaluator):
         return explainers
 
     def reset(self):
-        self._sums = np.zeros((len(self._keys), len(self._class_names), len(_SUMS)))
+        # column 0 counts images, then one column per metric
+        self._sums = np.zeros((len(self._keys), len(self._class_names), 1 + len(self._metrics)))
+        self._drops: Dict[str, Dict[str, float]] = defaultdict(dict)  # "method/level/metric" -> {id: drop}
         self._samples: Dict[int, List[ExplanationSample]] = {}
         self._num_skipped = 0
 
@@ -201,7 +242,8 @@ class ExplanationEvaluator(DatasetEvaluator):
         with torch.enable_grad():
             for name, method in self._explainers:
                 scores = score_explanations(
-                    self._model, inputs, method, targets, self._auc_steps, self._insertion_baseline
+                    self._model, inputs, method, targets, self._auc_steps,
+                    self._insertion_baseline, self._mask, self._budgets,
                 )
                 explained = scores.explained
                 classes = labels if labels is not None else [
@@ -214,6 +256,7 @@ class ExplanationEvaluator(DatasetEvaluator):
                         new_samples[i] = self._new_sample(inputs[i], classes[i], scores, i)
                 for level, level_scores in scores.levels.items():
                     self._add(self._keys.index((name, level)), classes, explained, level_scores)
+                    self._add_drops(f"{name}/{level}", inputs, explained, level_scores)
                     for i, sample in new_samples.items():
                         if explained[i]:
                             self._record(sample, (name, level), level_scores, i)
@@ -223,11 +266,25 @@ class ExplanationEvaluator(DatasetEvaluator):
     def _add(self, key_index, classes, explained, level_scores):
         kept = np.flatnonzero(explained)
         rows = np.asarray(classes, dtype=np.int64)[kept]
-        values = [np.ones(len(kept)), level_scores.drop, level_scores.increase,
+        values = [level_scores.drop, level_scores.increase, level_scores.coverage,
                   level_scores.deletion_auc, level_scores.insertion_auc]
-        for column, value in enumerate(values):
+        for percent in self._budgets:
+            budget = level_scores.budgets[percent]
+            values += [budget.drop, budget.increase]
+        np.add.at(self._sums[key_index, :, 0], rows, 1.0)
+        for column, value in enumerate(values, start=1):
             if value is not None:
-                np.add.at(self._sums[key_index, :, column], rows, value[kept] if column else value)
+                np.add.at(self._sums[key_index, :, column], rows, value[kept])
+
+    def _add_drops(self, prefix, inputs, explained, level_scores):
+        """Each explained image's Average Drop, by image id, for Win % between models."""
+        drops = {"average_drop": level_scores.drop}
+        for percent in self._budgets:
+            drops[f"average_drop{budget_suffix(percent)}"] = level_scores.budgets[percent].drop
+        for i in np.flatnonzero(explained):
+            image_id = str(inputs[i].get("image_id", inputs[i].get("file_name", i)))
+            for metric, values in drops.items():
+                self._drops[f"{prefix}/{metric}"][image_id] = float(values[i])
 
     def _detected_class(self, target_class: int) -> int:
         """A detector's explained class as a row index; -1 (nothing detected) stays -1."""
@@ -280,18 +337,22 @@ class ExplanationEvaluator(DatasetEvaluator):
 
     def evaluate(self):
         if self._distributed:
-            gathered = comm.all_gather((self._sums, self._samples, self._num_skipped))
+            gathered = comm.all_gather((self._sums, self._samples, self._num_skipped,
+                                        dict(self._drops)))
             if not comm.is_main_process():
                 return {}
             sums = np.sum([g[0] for g in gathered], axis=0)
-            samples = {}
-            for _, worker_samples, _ in gathered:
+            samples, drops = {}, defaultdict(dict)
+            for _, worker_samples, _, worker_drops in gathered:
                 for label, label_samples in worker_samples.items():
                     samples.setdefault(label, []).extend(label_samples)
+                for key, values in worker_drops.items():
+                    drops[key].update(values)
             self.num_images_skipped = sum(g[2] for g in gathered)
         else:
-            sums, samples = self._sums, self._samples
+            sums, samples, drops = self._sums, self._samples, self._drops
             self.num_images_skipped = self._num_skipped
+        self.per_image_drops = dict(drops)
         if self.num_images_skipped:
             self._logger.info(
                 f"[ExplanationEvaluator] {self.num_images_skipped} image(s) of "
@@ -313,7 +374,7 @@ class ExplanationEvaluator(DatasetEvaluator):
         results = OrderedDict()
         for row in self.rows:
             if row["class"] == "all":
-                for metric in _METRICS:
+                for metric in self._metrics:
                     if row[metric] is not None:
                         results[f"{row['method']}/{row['level']}/{metric}"] = row[metric]
         if self.task == "detection":
@@ -336,7 +397,7 @@ class ExplanationEvaluator(DatasetEvaluator):
                 if num_images == 0:
                     continue
                 row = {"method": method, "level": level, "class": class_name}
-                for column, metric in enumerate(_METRICS, start=1):
+                for column, metric in enumerate(self._metrics, start=1):
                     auc = metric.endswith("_auc")
                     row[metric] = None if auc and self._auc_steps == 0 else float(
                         class_sums[column] / num_images
@@ -356,7 +417,10 @@ class ExplanationEvaluator(DatasetEvaluator):
                 "num_images_skipped": self.num_images_skipped,
                 "auc_steps": self._auc_steps,
                 "insertion_baseline": self._insertion_baseline,
+                "mask": self._mask,
+                "budgets": self._budgets,
                 "rows": self.rows,
+                "per_image_drop": self.per_image_drops,
             },
         )
         index_in_class = defaultdict(int)

@@ -12,6 +12,8 @@ from torch import nn
 
 from .attention import AttentionSaliency
 from .base import Saliency, SaliencyMethod, explanation_mode
+from .branch import BranchSaliency
+from .branch_cam import BranchCAM
 from .detection_targets import DetectionTarget, FastRCNNBoxTarget, RetinaNetAnchorTarget
 from .fused import FusedSaliency
 from .gradcam import GradCAM
@@ -21,6 +23,8 @@ from .targets import ClassificationTarget, ExplanationTarget, TargetScores, buil
 __all__ = [
     "SALIENCY_METHODS",
     "AttentionSaliency",
+    "BranchCAM",
+    "BranchSaliency",
     "ClassificationTarget",
     "DetectionTarget",
     "ExplanationTarget",
@@ -38,7 +42,8 @@ __all__ = [
 ]
 
 SALIENCY_METHODS = {
-    "attention": AttentionSaliency,
+    "attention": AttentionSaliency,  # the branch's attention map M (a feature gate)
+    "branch_cam": BranchCAM,  # the branch's class-logit map of the explained class
     "gradcam": GradCAM,
     "gradcampp": GradCAMPlusPlus,
     "fused": FusedSaliency,  # of Grad-CAM maps

@@ -169,7 +169,7 @@ class SaliencyMethod:
             selected = self.target.select(capture.captured, target_classes, image_sizes)
             features = {level: capture.captured["features"][level] for level in self.levels}
             gradients = self._gradients(selected, features) if self.needs_gradients else None
-            maps = self.compute_maps(features, gradients)
+            maps = self.compute_maps(features, gradients, selected.classes)
         return Saliency(
             maps={level: maps[level].detach() for level in maps},
             target_classes=selected.classes,
@@ -184,14 +184,16 @@ class SaliencyMethod:
         self,
         features: Dict[str, torch.Tensor],
         gradients: Optional[Dict[str, torch.Tensor]],
+        classes: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
             features: {level: (N, C, h, w)} backbone outputs of the explained levels.
             gradients: {level: d(target score)/d(features)}, or None if not ``needs_gradients``.
+            classes: (N,) the explained class of each image; -1 where there is none.
 
         Returns:
-            {level: (N, h, w)} non-negative maps.
+            {level: (N, h, w)} maps, brought to [0, 1] min-max per image by the metrics.
         """
         raise NotImplementedError
 

@@ -1,6 +1,9 @@
 """Run a model on perturbed images: the model side of the explanation metrics.
 
-Deletion removes the most salient pixels first by setting them to 0 (black); insertion pastes them
+What a masked pixel becomes is the mask convention (:data:`MASK_CONVENTIONS`): "normalized" (the
+model's pixel mean, i.e. 0 in the normalised tensor the network sees, as pytorch-grad-cam and
+TorchCAM mask) or "pixel" (0, black). Deletion removes the most salient pixels first by setting
+them to that value; insertion pastes them
 first onto a blurred copy of the image, as in RISE (Petsiuk et al., BMVC 2018): a black start would
 make insertion measure how the model reacts to black images rather than to the evidence. A zero
 insertion baseline can be chosen for comparison with works that use one.
@@ -12,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import curve_auc, deletion_scores, insertion_scores
+from .metrics import curve_auc, deletion_scores, explanation_images, insertion_scores
 from .mode import explanation_mode
 
 __all__ = [
     "INSERTION_BASELINES",
+    "MASK_CONVENTIONS",
+    "mask_fill",
     "gaussian_blur",
     "model_outputs",
     "predict_scores",
@@ -24,6 +29,20 @@ __all__ = [
 ]
 
 INSERTION_BASELINES = ("blur", "zero")
+MASK_CONVENTIONS = ("normalized", "pixel")
+
+
+def mask_fill(model: nn.Module, convention: str) -> Optional[torch.Tensor]:
+    """(C,) pixel value of a masked pixel under ``convention``, or None for black (see above)."""
+    if convention not in MASK_CONVENTIONS:
+        raise ValueError(f"mask convention {convention!r}; expected one of {MASK_CONVENTIONS}")
+    if convention == "pixel":
+        return None
+    mean = getattr(model, "pixel_mean", None)
+    if not isinstance(mean, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no pixel_mean buffer for the "
+                        f"'normalized' mask convention; use 'pixel'")
+    return mean.detach().flatten()
 
 
 def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
@@ -74,6 +93,7 @@ def deletion_insertion_aucs(
     boxes: Optional[torch.Tensor] = None,
     steps: int = 16,
     insertion_baseline: str = "blur",
+    fill: Optional[torch.Tensor] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """
     Deletion and insertion AUC of each image's target confidence (see the module docstring).
@@ -84,6 +104,8 @@ def deletion_insertion_aucs(
         images: CHW pixel-space images as fed to the model; saliency: matching (H, W) maps.
         classes: each image's explained class; boxes: (N, 4) its explained box (detectors).
         steps: points on each curve after the first (each step changes 1/steps of the pixels).
+        fill: (C,) value of deleted pixels (:func:`mask_fill`); None: black. A "zero" insertion
+            baseline starts from the same value.
 
     Returns:
         (deletion_auc, insertion_auc), each (N,): lower deletion and higher insertion are better.
@@ -102,8 +124,11 @@ def deletion_insertion_aucs(
                 list(perturbed), [cls] * count, None if box is None else box.expand(count, 4)
             )
 
-        baseline = gaussian_blur(image) if insertion_baseline == "blur" else torch.zeros_like(image)
-        deletion.append(curve_auc(deletion_scores(score_fn, image, saliency_map, steps)))
+        if insertion_baseline == "blur":
+            baseline = gaussian_blur(image)
+        else:
+            baseline = explanation_images(image, torch.zeros_like(saliency_map), fill)
+        deletion.append(curve_auc(deletion_scores(score_fn, image, saliency_map, steps, fill)))
         insertion.append(
             curve_auc(insertion_scores(score_fn, image, saliency_map, baseline, steps))
         )

@@ -12,7 +12,7 @@ class GradCAM(SaliencyMethod):
     feature map and y_c the target's score (a class logit, see :mod:`fal_d2.explain.targets`).
     """
 
-    def compute_maps(self, features, gradients):
+    def compute_maps(self, features, gradients, classes):
         maps = {}
         for level, activations in features.items():
             weights = gradients[level].mean(dim=(2, 3), keepdim=True)

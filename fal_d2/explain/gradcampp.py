@@ -18,7 +18,7 @@ class GradCAMPlusPlus(SaliencyMethod):
     channel of an image, so it only scales the map; it is left out to avoid overflow.
     """
 
-    def compute_maps(self, features, gradients):
+    def compute_maps(self, features, gradients, classes):
         maps = {}
         for level, activations in features.items():
             grad = gradients[level]

@@ -2,7 +2,10 @@
 
 Average Drop %, Increase in Confidence % and Win % follow Grad-CAM++ (Chattopadhyay et al., WACV
 2018): an explanation map S in [0, 1] masks the image, E = S * I, and the model's confidence Y on I
-is compared with its confidence O on E for the same class. Deletion and insertion follow RISE
+is compared with its confidence O on E for the same class. S multiplies the normalised image, as in
+pytorch-grad-cam and TorchCAM (masked pixels become the mean colour), or the raw pixels (masked
+pixels become black); see :func:`explanation_images`. A map that keeps more of the image loses
+less confidence, so maps are also compared at fixed budgets (:func:`budget_saliency`). Deletion and insertion follow RISE
 (Petsiuk et al., BMVC 2018): pixels are removed from (or inserted into) the image in decreasing
 order of saliency and the target probability is integrated over the fraction of pixels changed.
 
@@ -14,11 +17,13 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from fal_d2.modeling.map_resize import level_maps_to_images
+from fal_d2.modeling.map_resize import level_maps_to_images, min_max_per_image
 
 __all__ = [
     "normalize_saliency",
     "explanation_images",
+    "budget_saliency",
+    "coverage",
     "drop_per_image",
     "increase_per_image",
     "average_drop",
@@ -51,22 +56,24 @@ def normalize_saliency(
     size = tuple(size)
     padded_size = tuple(padded_size or size)
     sizes = [size] * len(saliency)
-    resized = torch.stack(level_maps_to_images(saliency, padded_size, sizes, sizes))
-    flat = resized.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - low
-    safe_span = span.clamp_min(torch.finfo(flat.dtype).tiny)
-    normalized = torch.where(span > 0, (flat - low) / safe_span, 0.0)
-    return normalized.view_as(resized)
+    return min_max_per_image(torch.stack(level_maps_to_images(saliency, padded_size, sizes, sizes)))
 
 
-def explanation_images(images: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+def explanation_images(
+    images: torch.Tensor, saliency: torch.Tensor, fill: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
-    E = S * I in pixel space (before mean/std normalisation, so 0 is black).
+    E = fill + S * (I - fill): the image where S = 1, ``fill`` where S = 0.
+
+    With ``fill`` the model's pixel mean, E normalised is S times the normalised image: the
+    convention of pytorch-grad-cam (``multiply_tensor_with_cam``) and TorchCAM, which multiply the
+    normalised input tensor. Without it (``fill`` None, or 0), E = S * I in pixel space, so masked
+    pixels are black (``MASK_CONVENTIONS`` "pixel").
 
     Args:
         images: (N, C, H, W) or (C, H, W), uint8 or float pixel values.
         saliency: (N, H, W) or (H, W) in [0, 1], see :func:`normalize_saliency`.
+        fill: (C,) pixel value of masked pixels, in the images' channel order.
 
     Returns:
         float32 images of the same shape as ``images``.
@@ -76,7 +83,38 @@ def explanation_images(images: torch.Tensor, saliency: torch.Tensor) -> torch.Te
             f"saliency of shape {tuple(saliency.shape)} does not match images of shape "
             f"{tuple(images.shape)}; expected (N, H, W) for (N, C, H, W) or (H, W) for (C, H, W)"
         )
-    return images.float() * saliency.to(images.device, torch.float32).unsqueeze(-3)
+    weights = saliency.to(images.device, torch.float32).unsqueeze(-3)
+    if fill is None:
+        return images.float() * weights
+    fill = fill.to(images.device, torch.float32).view(-1, 1, 1)
+    return fill + (images.float() - fill) * weights
+
+
+def budget_saliency(saliency: torch.Tensor, percent: float) -> torch.Tensor:
+    """
+    Keep the ``percent`` % most salient pixels of each map at their values, and zero the rest
+    (TAME's evaluation at 100, 50 and 15 %). Maps of different coverage are then compared on the
+    same number of pixels. Ties are ranked in raster order, so exactly round(percent % of H * W)
+    pixels are kept.
+
+    Args:
+        saliency: (N, H, W) maps in [0, 1]; percent: in (0, 100].
+    """
+    if not 0 < percent <= 100:
+        raise ValueError(f"budget must be in (0, 100], got {percent}")
+    if percent == 100:
+        return saliency
+    flat = saliency.flatten(1)
+    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    count = round(flat.shape[1] * percent / 100)
+    keep.scatter_(1, order[:, :count], True)
+    return torch.where(keep, flat, torch.zeros_like(flat)).view_as(saliency)
+
+
+def coverage(saliency: torch.Tensor) -> torch.Tensor:
+    """(N,) mean of each [0, 1] map: how much of the image E keeps. AD and IC reward coverage."""
+    return saliency.flatten(1).float().mean(dim=1)
 
 
 def _as_float64(values) -> np.ndarray:
@@ -159,19 +197,24 @@ def deletion_scores(
     image: torch.Tensor,
     saliency: torch.Tensor,
     steps: int = 16,
+    fill: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """
-    RISE deletion curve: the target score as the most salient pixels are set to 0 (black).
+    RISE deletion curve: the target score as the most salient pixels are set to ``fill`` ((C,),
+    the pixel mean in the normalised convention) or, without it, to 0 (black).
 
     Args:
         score_fn: (T, C, H, W) pixel-space images -> (T,) target-class probabilities.
         image: (C, H, W) pixel-space image; saliency: (H, W).
 
     Returns:
-        (steps + 1,) scores, from the intact image to the all-black one.
+        (steps + 1,) scores, from the intact image to the all-removed one.
     """
     masks = ranked_pixel_masks(saliency, steps)
-    return score_fn(perturbed_images(image, torch.zeros_like(image), masks))
+    removed = torch.zeros_like(image, dtype=torch.float32)
+    if fill is not None:
+        removed = removed + fill.to(image.device, torch.float32).view(-1, 1, 1)
+    return score_fn(perturbed_images(image, removed, masks))
 
 
 def insertion_scores(

@@ -6,18 +6,34 @@ detectors alike: the method's target (:mod:`fal_d2.explain.targets`) says what Y
 Images without a target (a detector that detects nothing) are not scored: their entries are NaN
 (None for maps) and ``explained`` is False.
 """
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .base import SaliencyMethod
-from .faithfulness import deletion_insertion_aucs
-from .metrics import drop_per_image, explanation_images, increase_per_image, normalize_saliency
+from .faithfulness import deletion_insertion_aucs, mask_fill
+from .metrics import (
+    budget_saliency,
+    coverage,
+    drop_per_image,
+    explanation_images,
+    increase_per_image,
+    normalize_saliency,
+)
 
-__all__ = ["LevelScores", "ExplanationScores", "score_explanations"]
+__all__ = ["BudgetScores", "LevelScores", "ExplanationScores", "score_explanations"]
+
+
+@dataclass
+class BudgetScores:
+    """Average Drop and Increase in Confidence of a map cut to its top pixels (one budget)."""
+
+    explanation_confidence: np.ndarray  # O on E with the budgeted map, (N,)
+    drop: np.ndarray  # per-image Average Drop %, (N,)
+    increase: np.ndarray  # per-image Increase in Confidence % (0 or 100), (N,)
 
 
 @dataclass
@@ -25,11 +41,13 @@ class LevelScores:
     """One level's (or fused map's) explanation of each image of the batch."""
 
     saliency: List[Optional[torch.Tensor]]  # per image, (H, W) in [0, 1] at the model input size
-    explanation_confidence: np.ndarray  # O: target confidence on E = S * I, (N,)
+    explanation_confidence: np.ndarray  # O: target confidence on E (the whole map), (N,)
     drop: np.ndarray  # per-image Average Drop %, (N,)
     increase: np.ndarray  # per-image Increase in Confidence % (0 or 100), (N,)
     deletion_auc: Optional[np.ndarray]  # (N,), None when AUCs are off
     insertion_auc: Optional[np.ndarray]
+    coverage: np.ndarray = None  # (N,) mean of the [0, 1] map
+    budgets: Dict[float, BudgetScores] = field(default_factory=dict)  # percent -> scores
 
 
 @dataclass
@@ -55,13 +73,16 @@ def score_explanations(
     target_classes=None,
     auc_steps: int = 16,
     insertion_baseline: str = "blur",
+    mask: str = "normalized",
+    budgets: Sequence[float] = (),
 ) -> ExplanationScores:
     """
     Explain a batch with ``method`` and score every level's maps.
 
     Each map is brought to its image's input size and min-max normalised
-    (:func:`normalize_saliency`); the model is run on the explanation images E = S * I for O and,
-    if ``auc_steps`` > 0, on RISE's deletion and insertion sequences.
+    (:func:`normalize_saliency`); the model is run on the explanation images E = S * I for O, on
+    those of each budget's map (:func:`budget_saliency`) and, if ``auc_steps`` > 0, on RISE's
+    deletion and insertion sequences.
 
     Args:
         model: the model ``method`` explains.
@@ -69,7 +90,11 @@ def score_explanations(
             detector's top detections).
         auc_steps: steps of the deletion/insertion curves; 0 skips them (they cost
             2 * (auc_steps + 1) forward passes per image and level).
+        mask: what a masked pixel becomes, "normalized" (the mean colour) or "pixel" (black); see
+            :func:`fal_d2.explain.faithfulness.mask_fill`.
+        budgets: percentages in (0, 100) of top pixels each map is also scored at.
     """
+    fill = mask_fill(model, mask)
     saliency = method(batched_inputs, target_classes)
     target = method.target
     classes = saliency.target_classes.cpu()
@@ -89,14 +114,29 @@ def score_explanations(
             )[0]
         kept_maps = [normalized[i] for i in indices]
         y = confidence[indices]
-        o = np.zeros(0)
+
+        def confidences_on(maps_of_images):
+            if not indices:
+                return np.zeros(0)
+            explanations = [explanation_images(image, s, fill)
+                            for image, s in zip(images, maps_of_images)]
+            return target.confidences(explanations, kept_classes, kept_boxes).cpu().double().numpy()
+
+        o = confidences_on(kept_maps)
+        budget_scores = {}
+        for percent in budgets:
+            o_budget = confidences_on([budget_saliency(s[None], percent)[0] for s in kept_maps])
+            budget_scores[percent] = BudgetScores(
+                explanation_confidence=_scattered(o_budget, explained),
+                drop=_scattered(drop_per_image(y, o_budget), explained),
+                increase=_scattered(increase_per_image(y, o_budget), explained),
+            )
         aucs = (np.zeros(0), np.zeros(0))
-        if indices:
-            explanations = [explanation_images(image, s) for image, s in zip(images, kept_maps)]
-            o = target.confidences(explanations, kept_classes, kept_boxes).cpu().double().numpy()
-            if auc_steps > 0:
-                aucs = deletion_insertion_aucs(target, images, kept_maps, kept_classes, kept_boxes,
-                                               auc_steps, insertion_baseline)
+        if indices and auc_steps > 0:
+            aucs = deletion_insertion_aucs(target, images, kept_maps, kept_classes, kept_boxes,
+                                           auc_steps, insertion_baseline, fill)
+        kept_coverage = coverage(torch.stack(kept_maps)).cpu().double().numpy() if indices \
+            else np.zeros(0)
         levels[level] = LevelScores(
             saliency=normalized,
             explanation_confidence=_scattered(o, explained),
@@ -104,6 +144,8 @@ def score_explanations(
             increase=_scattered(increase_per_image(y, o), explained),
             deletion_auc=_scattered(aucs[0], explained) if auc_steps > 0 else None,
             insertion_auc=_scattered(aucs[1], explained) if auc_steps > 0 else None,
+            coverage=_scattered(kept_coverage, explained),
+            budgets=budget_scores,
         )
     return ExplanationScores(
         target_classes=classes,

@@ -22,6 +22,17 @@ class AttentionOutput(NamedTuple):
     logits: torch.Tensor  # (N, K) attention-branch class logits, trained with L_att
     attention: torch.Tensor  # (N, 1, H, W) attention map M in [0, 1]
     class_response: torch.Tensor  # (N, K, H, W) class-response maps
+    # (N, K, H, W) class-logit maps: ``logits`` before global average pooling. Channel c is where
+    # the branch sees class c: a CAM (Zhou et al., CVPR 2016) that needs no backward pass.
+    class_maps: torch.Tensor
+
+    def class_map(self, classes: torch.Tensor) -> torch.Tensor:
+        """(N, H, W): each image's class-logit map of its class in ``classes`` (N,); a class of -1
+        (nothing to explain, e.g. a detector without a detection) gives a map of zeros."""
+        rows = torch.arange(len(classes), device=self.class_maps.device)
+        classes = torch.as_tensor(classes, dtype=torch.int64, device=self.class_maps.device)
+        maps = self.class_maps[rows, classes.clamp_min(0)]
+        return torch.where((classes >= 0)[:, None, None], maps, torch.zeros_like(maps))
 
 
 @ATTENTION_BRANCH_REGISTRY.register()
@@ -79,13 +90,14 @@ class ABNAttentionBranch(nn.Module):
 
     def forward(self, features: torch.Tensor) -> AttentionOutput:
         response = self.class_response(self.convs(features))
-        logits = self.class_logits(response).mean(dim=(2, 3))
+        class_maps = self.class_logits(response)
         attention = self.attention_map(response)
         return AttentionOutput(
             features=features * (1.0 + attention),
-            logits=logits,
+            logits=class_maps.mean(dim=(2, 3)),
             attention=attention,
             class_response=response,
+            class_maps=class_maps,
         )
 
 

@@ -1,5 +1,5 @@
 """FALClassifier: image classification with a (FAL) backbone and a perception head."""
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
 from .cls_head import build_cls_head
-from .map_resize import level_maps_to_images
+from .faithful_map_loss import FaithfulMapLoss
+from .map_resize import level_maps_to_images, min_max_per_image
 
 
 @META_ARCH_REGISTRY.register()
@@ -19,21 +20,26 @@ class FALClassifier(nn.Module):
 
     Training returns ``{"loss_cls", "loss_att_<level>"...}``: L = L_per + sum lambda * L_att.
     Inference returns one dict per image with ``scores`` (softmax over K), ``pred_class`` (int),
-    ``attention`` ({level: map at the original image size}), ``attention_raw`` ({level: map at the
+    ``class_map`` ({level: the branch's class-logit map of the predicted class, min-max scaled to
+    [0, 1], at the original image size}: the explanation), ``attention`` ({level: the attention
+    map M at the original image size}: the feature gate), ``attention_raw`` ({level: M at the
     level's resolution}) and ``attention_scores`` ({level: softmax of that branch's logits}).
     """
 
     @configurable
     def __init__(self, *, backbone, head, pixel_mean, pixel_std, input_format, att_loss_weight=1.0,
-                 channels_last=False):
+                 channels_last=False, faithful_map_loss: Optional[FaithfulMapLoss] = None):
         """
         Args:
             channels_last (bool): keep weights and images in NHWC memory format. Under AMP on a
                 tensor-core GPU, NCHW convolutions pay for layout transposes around every call.
+            faithful_map_loss: the optional objective that trains the branches' class maps to
+                keep and remove the evidence (MODEL.FAL.FAITHFUL_MAP); adds ``loss_map_*``.
         """
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.faithful_map_loss = faithful_map_loss
         self.input_format = input_format
         self.att_loss_weight = att_loss_weight
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -52,6 +58,7 @@ class FALClassifier(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "att_loss_weight": cfg.MODEL.FAL.ATT_LOSS_WEIGHT,
             "channels_last": cfg.MODEL.CHANNELS_LAST,
+            "faithful_map_loss": FaithfulMapLoss(cfg) if cfg.MODEL.FAL.FAITHFUL_MAP.ENABLED else None,
         }
 
     @property
@@ -78,13 +85,16 @@ class FALClassifier(nn.Module):
                 losses[f"loss_att_{level}"] = self.att_loss_weight * F.cross_entropy(
                     output.logits, labels
                 )
+            if self.faithful_map_loss is not None:
+                losses.update(self.faithful_map_loss(self, images.tensor, labels, attention))
             return losses
         return self.postprocess(logits, attention, batched_inputs, images)
 
     @staticmethod
     def postprocess(logits, attention, batched_inputs, images: ImageList) -> List[Dict]:
         scores = logits.float().softmax(dim=1)
-        pred_classes = scores.argmax(dim=1).tolist()  # one device sync for the batch
+        pred = scores.argmax(dim=1)
+        pred_classes = pred.tolist()  # one device sync for the batch
         padded_size = tuple(images.tensor.shape[-2:])
         output_sizes = [
             (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
@@ -95,11 +105,17 @@ class FALClassifier(nn.Module):
                                         output_sizes)
             for level, out in attention.items()
         }
+        class_maps = {
+            level: [min_max_per_image(m[None])[0] for m in level_maps_to_images(
+                out.class_map(pred), padded_size, images.image_sizes, output_sizes)]
+            for level, out in attention.items()
+        }
         branch_scores = {level: out.logits.float().softmax(dim=1) for level, out in attention.items()}
         return [
             {
                 "scores": scores[i],
                 "pred_class": pred_classes[i],
+                "class_map": {level: maps[i] for level, maps in class_maps.items()},
                 "attention": {level: maps[i] for level, maps in resized.items()},
                 "attention_raw": {level: out.attention[i, 0] for level, out in attention.items()},
                 "attention_scores": {level: level_scores[i]

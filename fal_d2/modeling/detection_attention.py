@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from detectron2.structures import ImageList, Instances
 
 from .attention_branch import AttentionOutput
-from .map_resize import level_maps_to_images
+from .map_resize import level_maps_to_images, min_max_per_image
 
 __all__ = [
     "check_detection_attention_config",
@@ -73,9 +73,11 @@ def add_attention_maps(
     images: ImageList,
 ) -> List[Dict]:
     """
-    Add ``"attention": {level: (H, W) map in [0, 1]}`` to each image's output, at the image's
-    original size (its "height"/"width" inputs, as Detectron2 uses for the instances). Without
-    attention levels, ``results`` is returned unchanged, as the plain detector's outputs.
+    Add ``"attention": {level: (H, W) map M in [0, 1]}`` and ``"class_map": {level: (H, W) map}``
+    to each image's output, at the image's original size (its "height"/"width" inputs, as
+    Detectron2 uses for the instances). The class map is the branch's class-logit map of the top
+    detection's class, min-max scaled to [0, 1]; it is ``{}`` for an image without a detection.
+    Without attention levels, ``results`` is returned unchanged, as the plain detector's outputs.
     """
     if not attention:
         return results
@@ -84,11 +86,19 @@ def add_attention_maps(
         (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
         for inputs, image_size in zip(batched_inputs, images.image_sizes)
     ]
-    resized = {
-        level: level_maps_to_images(output.attention[:, 0], padded_size, images.image_sizes,
-                                    output_sizes)
-        for level, output in attention.items()
-    }
+    def to_images(level_maps):
+        return level_maps_to_images(level_maps, padded_size, images.image_sizes, output_sizes)
+
+    # Detectron2 sorts each image's instances by score: the first one is the top detection.
+    top_classes = torch.tensor(
+        [int(r["instances"].pred_classes[0]) if len(r["instances"]) else -1 for r in results]
+    )
+    resized = {level: to_images(output.attention[:, 0]) for level, output in attention.items()}
+    class_maps = {level: to_images(output.class_map(top_classes))
+                  for level, output in attention.items()}
     for i, result in enumerate(results):
         result["attention"] = {level: maps[i] for level, maps in resized.items()}
+        result["class_map"] = {} if top_classes[i] < 0 else {
+            level: min_max_per_image(maps[i][None])[0] for level, maps in class_maps.items()
+        }
     return results

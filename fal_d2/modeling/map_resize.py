@@ -1,4 +1,4 @@
-"""Bring level-resolution maps back to the input images' original sizes."""
+"""Bring level-resolution maps back to the input images' original sizes, and to [0, 1]."""
 from collections import defaultdict
 from typing import List, Sequence, Tuple
 
@@ -32,3 +32,16 @@ def level_maps_to_images(
             resized[i] = resized_map
     return resized
 
+
+
+def min_max_per_image(maps: torch.Tensor) -> torch.Tensor:
+    """
+    (N, ...) maps scaled to [0, 1] per image, as CAM and Grad-CAM are shown. A constant map
+    carries no localisation and becomes all zeros: as all ones it would keep the whole image and
+    score a perfect Average Drop.
+    """
+    flat = maps.float().flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - low
+    safe_span = span.clamp_min(torch.finfo(flat.dtype).tiny)
+    return torch.where(span > 0, (flat - low) / safe_span, 0.0).view_as(maps)
