@@ -120,6 +120,11 @@ def test_inference_outputs_instances_and_attention(trained_fal_rcnn):
         for attention_map in output["attention"].values():
             assert attention_map.shape == (IMAGE_SIZE, IMAGE_SIZE)
             assert 0.0 <= attention_map.min() and attention_map.max() <= 1.0
+        # the branches' class map of the top detection's class; none without a detection
+        assert set(output["class_map"]) == ({"p2", "p3"} if len(output["instances"]) else set())
+        for class_map in output["class_map"].values():
+            assert class_map.shape == (IMAGE_SIZE, IMAGE_SIZE)
+            assert class_map.min() == 0.0 and class_map.max() == 1.0
     assert model.backbone.last_attention["p2"].attention.shape == (2, 1, INPUT_SIZE // 4,
                                                                     INPUT_SIZE // 4)
 

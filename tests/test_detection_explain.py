@@ -21,6 +21,7 @@ from fal_d2.data.shapes_coco import SHAPE_CLASSES, make_shapes_coco, register_sh
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.explain import (
     AttentionSaliency,
+    BranchCAM,
     FastRCNNBoxTarget,
     GradCAM,
     RetinaNetAnchorTarget,
@@ -172,6 +173,13 @@ def test_attention_on_fal_detector_and_levels_on_plain_fpn(trained_rcnn, caplog)
     gradcam = GradCAM(model, ["p2"])(inputs)
     assert torch.equal(attention.target_classes, gradcam.target_classes)
     assert torch.allclose(attention.boxes, gradcam.boxes)
+    # the branch's class map of the top detection's class (zeros without a detection)
+    class_maps = BranchCAM(model, ["p2", "p3"])(inputs)
+    assert torch.equal(class_maps.target_classes, gradcam.target_classes)
+    for level in ("p2", "p3"):
+        expected = model.backbone.last_attention[level].class_map(class_maps.target_classes)
+        expected = expected - expected.flatten(1).min(dim=1).values[:, None, None]
+        assert torch.allclose(class_maps.maps[level], expected, atol=1e-6)
 
     with pytest.raises(ValueError, match=r"\['p6'\] do not influence .*ROI_HEADS.IN_FEATURES"):
         GradCAM(model, ["p6"])  # only the RPN reads p6

@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from fal_d2.explain.faithfulness import gaussian_blur
+from fal_d2.explain.faithfulness import gaussian_blur, mask_fill
 from fal_d2.explain.metrics import (
     average_drop,
+    budget_saliency,
+    coverage,
     curve_auc,
     deletion_scores,
     drop_per_image,
@@ -88,6 +90,48 @@ def test_explanation_images_multiply_in_pixel_space():
         explanation_images(images, saliency[:, :1])
 
 
+def test_normalized_convention_multiplies_the_normalised_image():
+    """E = fill + S (I - fill) is S times the normalised image once the model normalises it:
+    masked pixels become the mean colour (pytorch-grad-cam's multiply_tensor_with_cam)."""
+    mean, std = torch.tensor([120.0, 110.0, 100.0]), torch.tensor([50.0, 60.0, 70.0])
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    saliency = torch.rand(2, 4, 4)
+    explained = explanation_images(images, saliency, fill=mean)
+
+    def normalise(x):
+        return (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+
+    expected = normalise(images.float()) * saliency[:, None]
+    assert torch.allclose(normalise(explained), expected, atol=1e-5)
+    blank = explanation_images(images, torch.zeros(2, 4, 4), fill=mean)
+    assert torch.allclose(blank, mean.view(1, 3, 1, 1).expand(2, 3, 4, 4))
+
+
+def test_budget_keeps_the_top_pixels_at_their_values():
+    saliency = torch.tensor([[[0.9, 0.1], [0.5, 0.7]], [[0.2, 0.2], [0.2, 1.0]]])
+    half = budget_saliency(saliency, 50)
+    assert torch.equal(half[0], torch.tensor([[0.9, 0.0], [0.0, 0.7]]))
+    assert torch.equal(half[1], torch.tensor([[0.2, 0.0], [0.0, 1.0]]))  # ties: raster order
+    assert torch.equal(budget_saliency(saliency, 25)[0], torch.tensor([[0.9, 0.0], [0.0, 0.0]]))
+    assert budget_saliency(saliency, 100) is saliency
+    assert coverage(saliency).tolist() == pytest.approx([0.55, 0.4])
+    assert coverage(half).tolist() == pytest.approx([0.4, 0.3])
+    for bad in (0, -5, 101):
+        with pytest.raises(ValueError, match=r"budget must be in \(0, 100\]"):
+            budget_saliency(saliency, bad)
+
+
+def test_mask_fill_of_each_convention():
+    model = torch.nn.Module()
+    model.register_buffer("pixel_mean", torch.tensor([1.0, 2.0, 3.0]).view(-1, 1, 1))
+    assert mask_fill(model, "normalized").tolist() == [1.0, 2.0, 3.0]
+    assert mask_fill(model, "pixel") is None
+    with pytest.raises(ValueError, match=r"'black'; expected one of \('normalized', 'pixel'\)"):
+        mask_fill(model, "black")
+    with pytest.raises(TypeError, match="no pixel_mean"):
+        mask_fill(torch.nn.Module(), "normalized")
+
+
 def test_ranked_pixel_masks_follow_saliency_order():
     saliency = torch.tensor([[0.1, 0.4], [0.3, 0.2]])
     masks = ranked_pixel_masks(saliency, steps=4)
@@ -117,6 +161,10 @@ def test_deletion_and_insertion_curves_with_a_callable():
     assert curve_auc(deletion) == pytest.approx(0.5)
     insertion = insertion_scores(brightness, image, saliency, torch.zeros_like(image), steps=4)
     assert insertion.tolist() == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    # deleted pixels take the fill (the mean colour) instead of black
+    grey = torch.tensor([127.5, 127.5, 127.5])
+    assert deletion_scores(brightness, image, saliency, 2, grey).tolist() == pytest.approx(
+        [1.0, 0.75, 0.5])
 
 
 def test_gaussian_blur_keeps_constants_and_smooths_edges():

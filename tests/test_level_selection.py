@@ -15,6 +15,7 @@ from fal_d2.evaluation.level_selection import (
     load_explanation_rows,
     rank_levels,
     select_weakest_levels,
+    table_budgets,
 )
 
 from conftest import load_script
@@ -50,6 +51,33 @@ ROWS = [
     row("p2", 9.0, 5.0, class_name="airplane"),
     row("p5", 1.0, 5.0, class_name="airplane"),
 ]
+
+
+MIRROR = {"p2": "p5", "p3": "p4", "p4": "p3", "p5": "p2"}
+
+
+def budgeted(rows, budget):
+    """``rows`` with AD/IC columns at ``budget`` that rank the levels the other way round: level
+    pN gets the whole-map numbers of its mirror level (p2 <-> p5, p3 <-> p4) where there is one."""
+    by_key = {(r["method"], r["class"], r["level"]): r for r in rows}
+    result = []
+    for r in rows:
+        source = by_key.get((r["method"], r["class"], MIRROR[r["level"]]), r)
+        result.append({**r, f"increase_in_confidence_top{budget:g}": source["increase_in_confidence"],
+                       f"average_drop_top{budget:g}": source["average_drop"]})
+    return result
+
+
+def test_budgeted_ranking_uses_the_budget_columns():
+    rows = budgeted(ROWS, 15)
+    assert table_budgets(rows) == [15.0]
+    assert select_weakest_levels(rows) == ["p2", "p3"]  # whole maps, as before
+    assert select_weakest_levels(rows, budget=100) == ["p2", "p3"]
+    # at 15 %, p5 has p2's numbers and p4 has p3's: they are the weakest
+    assert select_weakest_levels(rows, budget=15) == ["p4", "p5"]
+    with pytest.raises(LevelSelectionError, match=r"no AD/IC at the top 50 % of pixels "
+                                                  r"\(budgets it has: \['15'\]\); re-run"):
+        select_weakest_levels(rows, budget=50)
 
 
 def test_rank_levels_weakest_first_with_average_drop_breaking_ties():
@@ -258,3 +286,15 @@ def test_cli_keeps_existing_config_when_written_config_does_not_load(tmp_path, m
         "baseline",
         "fal.yaml",
     ]  # no temp file
+
+
+def test_cli_ranks_at_the_tables_smallest_budget(tmp_path, capsys):
+    metrics = tmp_path / "explanation_metrics.json"
+    metrics.write_text(json.dumps({"rows": budgeted(ROWS, 15)}))
+    output = tmp_path / "fal_selected.yaml"
+    select_levels.main([str(metrics), "-o", str(output)])
+    assert "Selected levels: p4, p5" in capsys.readouterr().out
+    assert "top 15 % of each map's pixels" in output.read_text()
+    select_levels.main([str(metrics), "-o", str(output), "--budget", "100"])
+    assert "Selected levels: p2, p3" in capsys.readouterr().out
+    assert "whole maps" in output.read_text()

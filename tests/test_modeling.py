@@ -58,6 +58,25 @@ def test_output_shapes_for_level_subsets(tiny_cfg, levels):
             assert output["attention_raw"][level].shape == (side, side)
             for attention_map in (output["attention"][level], output["attention_raw"][level]):
                 assert attention_map.min() >= 0.0 and attention_map.max() <= 1.0
+        assert set(output["class_map"]) == set(levels)
+        for class_map in output["class_map"].values():
+            assert class_map.shape == (50, 70)
+            assert class_map.min() >= 0.0 and class_map.max() <= 1.0
+
+
+def test_class_map_is_the_branch_map_of_the_predicted_class(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("fal_p2p3.yaml")).eval()
+    inputs = _inputs(3)
+    with torch.no_grad():
+        outputs = model(inputs)
+    for i, output in enumerate(outputs):
+        for level in ("p2", "p3"):
+            raw = model.backbone.last_attention[level].class_maps[i, output["pred_class"]]
+            full = torch.nn.functional.interpolate(raw[None, None], size=(64, 64),
+                                                   mode="bilinear", align_corners=False)[0, 0]
+            expected = (full - full.min()) / (full.max() - full.min())
+            assert torch.allclose(output["class_map"][level], expected, atol=1e-5)
 
 
 def test_no_levels_is_exactly_the_plain_fpn(tiny_cfg):

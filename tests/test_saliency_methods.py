@@ -8,6 +8,7 @@ from detectron2.modeling import build_model
 from fal_d2.explain import (
     SALIENCY_METHODS,
     AttentionSaliency,
+    BranchCAM,
     FusedSaliency,
     GradCAM,
     GradCAMPlusPlus,
@@ -186,9 +187,10 @@ def test_plain_fpn_and_abn_models(tiny_cfg):
     assert {level: tuple(m.shape) for level, m in saliency.maps.items()} == {
         "p2": (1, 8, 8), "p3": (1, 4, 4), "p4": (1, 2, 2), "p5": (1, 1, 1)
     }
-    no_branch = r"\['p2'\] have no attention branch; levels with a branch: \[\]"
-    with pytest.raises(ValueError, match=no_branch):
-        AttentionSaliency(fpn, ["p2"])
+    no_branch = r"\['p2'\] have no attention branch; the model has none \(MODEL.FAL"
+    for method in (AttentionSaliency, BranchCAM):
+        with pytest.raises(ValueError, match=no_branch):
+            method(fpn, ["p2"])
 
     abn = _model(tiny_cfg, "abn_r50.yaml", *ABN_OPTS)
     attention = AttentionSaliency(abn, ["res4"])(_inputs(1))
@@ -204,3 +206,35 @@ def test_unknown_levels_and_methods_are_named(tiny_cfg):
         GradCAMPlusPlus(model, ["p2", "p9"])
     with pytest.raises(KeyError, match="unknown saliency method 'cam'"):
         build_saliency_method("cam", model, ["p2"])
+
+
+def test_branch_cam_is_the_branch_class_logit_map_of_the_explained_class(tiny_cfg):
+    model = _model(tiny_cfg)
+    inputs = _inputs(3)
+    targets = torch.tensor([4, 0, 2])
+    saliency = BranchCAM(model, ["p2", "p3"])(inputs, targets)
+    assert saliency.target_classes.tolist() == targets.tolist()
+    model.eval()
+    with torch.no_grad():
+        model.backbone(model.preprocess_image(inputs).tensor)
+        for level in ("p2", "p3"):
+            branch = model.backbone.attention_branches[level]
+            output = model.backbone.last_attention[level]
+            # the branch's own 1x1 class-logit conv on its class response, channel c
+            logits = branch.class_logits(output.class_response)[torch.arange(3), targets]
+            expected = logits - logits.flatten(1).min(dim=1).values[:, None, None]
+            assert torch.allclose(saliency.maps[level], expected, atol=1e-5)
+            # pooled, the maps are the logits L_att trains: a CAM of the branch
+            assert torch.allclose(output.class_maps.mean(dim=(2, 3)), output.logits, atol=1e-5)
+    assert not BranchCAM.needs_gradients
+
+    # without target classes, the classifier's predicted class is explained
+    predicted = BranchCAM(model, ["p2"])(inputs)
+    assert predicted.target_classes.tolist() == predicted.scores.argmax(dim=1).tolist()
+
+
+def test_branch_cam_names_the_levels_that_have_a_branch(tiny_cfg):
+    model = _model(tiny_cfg)
+    with pytest.raises(ValueError, match=r"BranchCAM: level\(s\) \['p4'\] have no attention "
+                                         r"branch; levels with a branch: \['p2', 'p3'\]"):
+        build_saliency_method("branch_cam", model, ["p2", "p4"])

@@ -103,9 +103,12 @@ def test_demo_writes_heatmaps_and_skips_bad_files(tmp_path):
         predictions = json.load(f)
     assert len(predictions) == len(os.listdir(images))
     assert str(bad) not in predictions
-    for entry in predictions.values():
-        assert set(entry["heatmaps"]) == {"p2", "p3"}
-        assert all(os.path.exists(path) for path in entry["heatmaps"].values())
+    for path, entry in predictions.items():
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for kind in ("class_map", "attention"):
+            assert set(entry["heatmaps"][kind]) == {"p2", "p3"}
+            for level, heatmap in entry["heatmaps"][kind].items():
+                assert heatmap == str(out / f"{stem}_{level}_{kind}.png") and os.path.exists(heatmap)
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Classify images with a trained FAL model and save one attention heatmap per level.
+"""Classify images with a trained FAL model and save its built-in explanation maps per level.
 
     python tools/demo.py --config-file configs/fal_p2p3.yaml --input img.jpg folder/ \
         --output out/ MODEL.WEIGHTS output/model_final.pth
 
-For each image, writes ``<stem>_<level>.png`` (the JET heatmap blended with the image) and adds the
-predicted class and score to ``predictions.json``. A file that cannot be read is reported and
-skipped; the others go on.
+For each image and each level with an attention branch, writes ``<stem>_<level>_class_map.png``
+(the branch's class map of the predicted class: the explanation) and
+``<stem>_<level>_attention.png`` (the attention map M, the branch's feature gate), each a JET
+heatmap blended with the image, and adds the predicted class, its score and the heatmap paths to
+``predictions.json``. A file that cannot be read is reported and skipped; the others go on.
 """
 import argparse
 import io
@@ -93,14 +95,14 @@ def main(argv=None):
         output = predictor(image_bgr)
         pred = output["pred_class"]
         stem = os.path.splitext(os.path.basename(path))[0]
-        heatmaps = {}
-        for level, attention in output["attention"].items():
-            overlay = overlay_heatmap(image_bgr[:, :, ::-1], attention.cpu().numpy())
-            heatmap_path = os.path.join(args.output, f"{stem}_{level}.png")
-            buffer = io.BytesIO()
-            Image.fromarray(overlay).save(buffer, format="PNG")
-            atomic_write_bytes(heatmap_path, buffer.getvalue())
-            heatmaps[level] = heatmap_path
+        heatmaps = {"class_map": {}, "attention": {}}
+        for kind, maps in heatmaps.items():
+            for level, saliency in output[kind].items():
+                overlay = overlay_heatmap(image_bgr[:, :, ::-1], saliency.cpu().numpy())
+                maps[level] = os.path.join(args.output, f"{stem}_{level}_{kind}.png")
+                buffer = io.BytesIO()
+                Image.fromarray(overlay).save(buffer, format="PNG")
+                atomic_write_bytes(maps[level], buffer.getvalue())
         predictions[path] = {
             "pred_class": pred,
             "class_name": class_names[pred] if class_names else str(pred),

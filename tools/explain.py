@@ -2,7 +2,13 @@
 """Layer analysis of a trained classifier or detector: explanation quality per method and level.
 
 This is the paper's Table 1: Average Drop % and Increase in Confidence % (Grad-CAM++), plus RISE
-deletion/insertion AUC, for every explained level, over all classes and for one chosen class.
+deletion/insertion AUC, for every explained level, over all classes and for one chosen class. AD
+and IC reward maps that keep more of the image, so the table also gives each map's coverage, and
+AD and IC with only its top k % of pixels kept (TEST.EXPLAIN.BUDGETS; the headline columns), and
+Win %: how often a map's drop is smaller than that of the reference map (--win-reference, Grad-CAM
+by default) at the same level, of the --compare model when one is given, on the same image.
+Masked pixels become the mean colour (TEST.EXPLAIN.MASK "normalized", as pytorch-grad-cam and
+TorchCAM) or black ("pixel").
 Detectors (FALRCNN, FALRetinaNet, their plain-FPN versions) explain each image's top detection,
 and their rows are per class of that detection; images without a detection are skipped and
 counted (see fal_d2/explain/detection_targets.py for the rule).
@@ -48,24 +54,57 @@ import fal_d2.data  # noqa: F401  (registers the UC Merced datasets)
 from fal_d2.config import add_fal_config
 from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
 from fal_d2.evaluation import ExplanationEvaluator
+from fal_d2.evaluation.explanation_evaluator import budget_suffix, check_budgets, check_explain_config
 from fal_d2.explain import SALIENCY_METHODS
+from fal_d2.explain.faithfulness import MASK_CONVENTIONS
+from fal_d2.explain.metrics import win_rate
 from fal_d2.explain.visualize import explanation_grid, save_grid_figure
 from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("fal_d2.tools.explain")
 
-# (row key, Markdown/CSV column title, number format)
-TABLE_COLUMNS = [
-    ("model", "model", "s"),
-    ("method", "method", "s"),
-    ("level", "level", "s"),
-    ("class", "class", "s"),
-    ("average_drop", "Average Drop % (lower is better)", ".2f"),
-    ("increase_in_confidence", "Increase in Confidence % (higher is better)", ".2f"),
-    ("deletion_auc", "Deletion AUC (lower is better)", ".4f"),
-    ("insertion_auc", "Insertion AUC (higher is better)", ".4f"),
-    ("num_images", "images", "d"),
-]
+def table_columns(budgets):
+    """(row key, Markdown/CSV column title, number format) of the table, budgets first."""
+    columns = [("model", "model", "s"), ("method", "method", "s"), ("level", "level", "s"),
+               ("class", "class", "s")]
+    for percent in budgets:
+        suffix = budget_suffix(percent)
+        columns += [(f"average_drop{suffix}", f"AD % top {percent:g} % ↓", ".2f"),
+                    (f"increase_in_confidence{suffix}", f"IC % top {percent:g} % ↑", ".2f"),
+                    (f"win{suffix}", f"Win % top {percent:g} % ↑", ".1f")]
+    return columns + [
+        ("average_drop", "AD % whole map ↓", ".2f"),
+        ("increase_in_confidence", "IC % whole map ↑", ".2f"),
+        ("win", "Win % whole map ↑", ".1f"),
+        ("coverage", "coverage", ".3f"),
+        ("deletion_auc", "Deletion AUC ↓", ".4f"),
+        ("insertion_auc", "Insertion AUC ↑", ".4f"),
+        ("num_images", "images", "d"),
+    ]
+
+
+def add_win_rates(rows, evaluators, reference_label, reference_method, budgets):
+    """
+    Add Win % columns to the "all" rows: the percentage of images where the row's Average Drop is
+    strictly smaller than that of ``reference_method`` of the model ``reference_label`` at the
+    same level (Grad-CAM++'s Win %), at each budget and for the whole map. Rows with no reference
+    at their level, and the reference's own rows, get None.
+    """
+    reference = evaluators[reference_label].per_image_drops
+    metrics = [("win", "average_drop")] + [
+        (f"win{budget_suffix(p)}", f"average_drop{budget_suffix(p)}") for p in budgets]
+    for row in rows:
+        for win_key, drop_key in metrics:
+            row[win_key] = None
+            if row["class"] != "all" or (row["model"], row["method"]) == (reference_label,
+                                                                          reference_method):
+                continue
+            ours = evaluators[row["model"]].per_image_drops.get(
+                f"{row['method']}/{row['level']}/{drop_key}", {})
+            theirs = reference.get(f"{reference_method}/{row['level']}/{drop_key}", {})
+            shared = sorted(set(ours) & set(theirs))
+            if shared:
+                row[win_key] = win_rate([ours[i] for i in shared], [theirs[i] for i in shared])
 
 
 def get_parser():
@@ -93,6 +132,16 @@ def get_parser():
     parser.add_argument("--auc-steps", type=int,
                         help="steps of the deletion/insertion curves; 0 skips them "
                              "(default: TEST.EXPLAIN.AUC_STEPS)")
+    parser.add_argument("--mask", choices=MASK_CONVENTIONS,
+                        help="what masked pixels become: the mean colour ('normalized', as "
+                             "pytorch-grad-cam and TorchCAM) or black ('pixel') "
+                             "(default: TEST.EXPLAIN.MASK)")
+    parser.add_argument("--budgets", type=float, nargs="+", metavar="K",
+                        help="also score each map with only its top K %% of pixels "
+                             "(default: TEST.EXPLAIN.BUDGETS)")
+    parser.add_argument("--win-reference", default="gradcam", metavar="METHOD",
+                        help="Win %% compares every map's drop with this method's at the same "
+                             "level, of the --compare model if given (default: gradcam)")
     parser.add_argument("--compare-config", metavar="FILE",
                         help="a second model, shown side by side")
     parser.add_argument("--compare-weights", help="checkpoint of the second model")
@@ -109,9 +158,11 @@ def setup_cfg(config_file, weights, args):
     if weights:
         cfg.MODEL.WEIGHTS = weights
     for key, value in [("METHODS", args.methods), ("LEVELS", args.levels), ("TARGET", args.target),
-                       ("VIS_PER_CLASS", args.vis_per_class), ("AUC_STEPS", args.auc_steps)]:
+                       ("VIS_PER_CLASS", args.vis_per_class), ("AUC_STEPS", args.auc_steps),
+                       ("MASK", args.mask), ("BUDGETS", args.budgets)]:
         if value is not None:
             cfg.TEST.EXPLAIN[key] = value
+    check_explain_config(cfg)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
@@ -177,23 +228,31 @@ def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label):
     return evaluator
 
 
-def write_table(rows, output_dir, dataset_name, class_name, skipped=None):
+def write_table(rows, output_dir, dataset_name, class_name, skipped=None, protocol=None):
     """
     The table as Markdown, CSV and JSON (atomically). ``skipped`` maps each detector's label to
-    its number of images without a detection.
+    its number of images without a detection; ``protocol`` holds the mask convention, budgets and
+    Win % reference the rows were measured with.
     """
-    keys = [key for key, _, _ in TABLE_COLUMNS]
-    titles = [title for _, title, _ in TABLE_COLUMNS]
+    protocol = protocol or {"mask": None, "budgets": [], "win_reference": None}
+    columns = table_columns(protocol["budgets"])
+    keys = [key for key, _, _ in columns]
+    titles = [title for _, title, _ in columns]
 
     def formatted(row):
-        return ["" if row[key] is None else format(row[key], spec)
-                for key, _, spec in TABLE_COLUMNS]
+        return ["" if row.get(key) is None else format(row[key], spec)
+                for key, _, spec in columns]
 
     title = f"Explanation quality on '{dataset_name}'"
     if class_name:
         title += f" (class {class_name!r} and all classes)"
-    markdown = f"# {title}\n\n" + tabulate([formatted(row) for row in rows], headers=titles,
-                                          tablefmt="github", disable_numparse=True) + "\n"
+    markdown = f"# {title}\n\n"
+    if protocol["mask"]:
+        markdown += (f"Mask convention: {protocol['mask']}; budgets: top "
+                     f"{', '.join(f'{p:g}' for p in protocol['budgets']) or '–'} % of each map's "
+                     f"pixels; Win % against {protocol['win_reference']}.\n\n")
+    markdown += tabulate([formatted(row) for row in rows], headers=titles,
+                         tablefmt="github", disable_numparse=True) + "\n"
     if skipped:
         markdown += "\nDetectors explain each image's top detection; images without one: " + \
             ", ".join(f"{label} {count}" for label, count in skipped.items()) + "\n"
@@ -201,10 +260,10 @@ def write_table(rows, output_dir, dataset_name, class_name, skipped=None):
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(keys)
-    writer.writerows([["" if row[key] is None else row[key] for key in keys] for row in rows])
+    writer.writerows([["" if row.get(key) is None else row[key] for key in keys] for row in rows])
     atomic_write_text(os.path.join(output_dir, "layer_analysis.csv"), buffer.getvalue())
     atomic_write_json(os.path.join(output_dir, "layer_analysis.json"),
-                      {"dataset": dataset_name, "class_name": class_name,
+                      {"dataset": dataset_name, "class_name": class_name, **protocol,
                        "num_images_skipped": skipped or {}, "rows": rows})
     return markdown
 
@@ -238,6 +297,10 @@ def main(argv=None):
     if args.compare_config:
         configs.append((args.compare_config, args.compare_weights))
     cfgs = [setup_cfg(config_file, weights, args) for config_file, weights in configs]
+    for key in ("MASK", "BUDGETS"):
+        if len({str(cfg.TEST.EXPLAIN[key]) for cfg in cfgs}) > 1:
+            raise ValueError(f"TEST.EXPLAIN.{key} differs between the two configs; the models "
+                             f"must be compared under one protocol (set --{key.lower()})")
 
     dataset_name = args.dataset or cfgs[0].DATASETS.TEST[0]
     if dataset_name not in DatasetCatalog.list():
@@ -263,7 +326,12 @@ def main(argv=None):
         if evaluator.task == "detection":
             skipped[label] = evaluator.num_images_skipped
 
-    print(write_table(rows, args.output, dataset_name, args.class_name, skipped))
+    reference_label = models[-1][0]  # the --compare model if there is one, else the model
+    budgets = check_budgets(cfgs[0].TEST.EXPLAIN.BUDGETS)
+    add_win_rates(rows, dict(models), reference_label, args.win_reference, budgets)
+    protocol = {"mask": cfgs[0].TEST.EXPLAIN.MASK, "budgets": budgets,
+                "win_reference": f"{args.win_reference} of {reference_label}"}
+    print(write_table(rows, args.output, dataset_name, args.class_name, skipped, protocol))
     paths = write_grids(models, args.output, dataset_name)
     print("Outputs:\n" + "\n".join(
         f"  {os.path.join(args.output, name)}"

@@ -9,7 +9,10 @@ This is the paper's method as a tool: explain a plain FPN classifier level by le
 attention branches where the explanations are weakest. The rule (in
 :mod:`fal_d2.evaluation.level_selection`) ranks levels by lowest Increase in Confidence %, ties
 broken by highest Average Drop %, and keeps the ``--count`` weakest or all levels with Increase in
-Confidence at most ``--max-increase``. The config is loaded with Detectron2 before it replaces
+Confidence at most ``--max-increase``. AD and IC are taken at the table's smallest budget (each
+map's top k % of pixels) when it has one, so that levels whose maps cover more of the image are not
+favoured; ``--budget 100`` ranks by the whole maps. ``--method branch_cam`` ranks a FAL model's
+own class maps, to see which levels are still weak. The config is loaded with Detectron2 before it replaces
 anything at ``--output``, so a config that this tool writes always loads.
 """
 
@@ -30,6 +33,7 @@ from fal_d2.evaluation.level_selection import (
     load_explanation_rows,
     rank_levels,
     select_weakest_levels,
+    table_budgets,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +59,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--class-name", default="all", help='class whose rows rank the levels ("all": every image)'
     )
+    parser.add_argument(
+        "--budget", type=float, metavar="K",
+        help="rank by AD and IC with each map's top K %% of pixels (default: the table's smallest "
+             "budget, else the whole map; 100: the whole map)",
+    )
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument(
         "--count", type=int, help=f"select this many weakest levels (default: {DEFAULT_COUNT})"
@@ -69,12 +78,13 @@ def parse_args(argv=None):
 
 
 def describe_rule(args):
+    area = "whole maps" if args.budget == 100 else f"top {args.budget:g} % of each map's pixels"
     if args.max_increase is not None:
-        return f"every level with Increase in Confidence % <= {args.max_increase:g}"
+        return f"every level with Increase in Confidence % <= {args.max_increase:g} ({area})"
     count = DEFAULT_COUNT if args.count is None else args.count
     return (
         f"the {count} level(s) with the lowest Increase in Confidence % "
-        "(ties: highest Average Drop %)"
+        f"(ties: highest Average Drop %), {area}"
     )
 
 
@@ -158,9 +168,13 @@ def main(argv=None):
         )
 
     rows = load_explanation_rows(args.metrics)
-    ranking = rank_levels(rows, args.method, args.class_name)
+    if args.budget is None:
+        args.budget = (table_budgets(rows) or [100.0])[0]
+    if not 0 < args.budget <= 100:
+        raise LevelSelectionError(f"--budget {args.budget:g} must be in (0, 100]")
+    ranking = rank_levels(rows, args.method, args.class_name, args.budget)
     levels = select_weakest_levels(
-        rows, args.method, args.class_name, args.count, args.max_increase
+        rows, args.method, args.class_name, args.count, args.max_increase, args.budget
     )
 
     table = [

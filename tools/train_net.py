@@ -32,6 +32,7 @@ from fal_d2.data import (
     build_classification_train_loader,
 )
 from fal_d2.evaluation import ClassificationEvaluator, ExplanationEvaluator
+from fal_d2.evaluation.explanation_evaluator import check_explain_config
 from fal_d2.evaluation.report import write_evaluation_report
 
 CLASSIFICATION_META_ARCHS = {"FALClassifier"}
@@ -122,6 +123,7 @@ def setup(args):
         logging.getLogger("fal_d2").warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
     check_config_against_datasets(cfg)
+    check_explain_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -64,6 +64,29 @@ def check_budgets(budgets: Sequence[float]) -> List[float]:
         raise ValueError(f"TEST.EXPLAIN.BUDGETS: {bad} outside (0, 100]; budgets are percentages "
                          f"of each map's most salient pixels, e.g. [15, 50]")
     return sorted({float(b) for b in budgets if b < 100})
+
+
+def check_explain_config(cfg) -> None:
+    """
+    Check ``cfg.TEST.EXPLAIN`` when the config is set up, before any training, with one line
+    naming the key and the allowed values (an evaluator would otherwise fail after training).
+    """
+    explain = cfg.TEST.EXPLAIN
+    unknown = [name for name in explain.METHODS if name not in SALIENCY_METHODS]
+    if unknown:
+        raise ValueError(f"TEST.EXPLAIN.METHODS: unknown method(s) {unknown}; "
+                         f"known: {sorted(SALIENCY_METHODS)}")
+    if explain.MASK not in MASK_CONVENTIONS:
+        raise ValueError(f"TEST.EXPLAIN.MASK={explain.MASK!r}; expected one of {MASK_CONVENTIONS}")
+    check_budgets(explain.BUDGETS)
+    if explain.TARGET not in TARGETS:
+        raise ValueError(f"TEST.EXPLAIN.TARGET={explain.TARGET!r}; expected one of {TARGETS}")
+    if explain.INSERTION_BASELINE not in INSERTION_BASELINES:
+        raise ValueError(f"TEST.EXPLAIN.INSERTION_BASELINE={explain.INSERTION_BASELINE!r}; "
+                         f"expected one of {INSERTION_BASELINES}")
+    for key in ("AUC_STEPS", "VIS_PER_CLASS"):
+        if explain[key] < 0:
+            raise ValueError(f"TEST.EXPLAIN.{key}={explain[key]} must be >= 0")
 VIS_MAX_SIDE = 128  # kept visualisation images and maps are downscaled to at most this many pixels
 
 

@@ -3,7 +3,10 @@
 The paper's method: explain every level of a plain FPN classifier, then put attention branches on
 the levels whose explanations are weakest. "Weakest" is made a rule here so that it is repeatable:
 
-* keep the rows of one saliency method (default Grad-CAM) and one class (default "all");
+* keep the rows of one saliency method (default Grad-CAM; ``branch_cam`` ranks a FAL model's own
+  class maps) and one class (default "all");
+* take AD and IC of the whole map, or at a budget (the map's top k % of pixels), which compares
+  levels whose maps cover different areas fairly: AD and IC reward coverage;
 * rank levels by lowest Increase in Confidence %, ties broken by highest Average Drop %, then by
   pyramid order (p2 before p3) so that the ranking never depends on the table's row order;
 * select either the ``count`` weakest levels, or every level whose Increase in Confidence is at
@@ -17,10 +20,11 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 __all__ = [
     "DEFAULT_COUNT",
+    "table_budgets",
     "LevelSelectionError",
     "LevelScore",
     "load_explanation_rows",
@@ -78,10 +82,33 @@ def _pyramid_order(level: str) -> int:
     return int(level[1:])
 
 
+def table_budgets(rows: Sequence[dict]) -> List[float]:
+    """The budgets (percent of top pixels) that the table's rows have AD and IC columns for."""
+    pattern = re.compile(r"increase_in_confidence_top([0-9.]+)")
+    return sorted({float(m.group(1)) for row in rows for key in row
+                   if (m := pattern.fullmatch(key))})
+
+
+def _metric_keys(budget: Optional[float]) -> Tuple[str, str]:
+    suffix = "" if budget is None or budget == 100 else f"_top{budget:g}"
+    return f"increase_in_confidence{suffix}", f"average_drop{suffix}"
+
+
 def rank_levels(
-    rows: Sequence[dict], method: str = "gradcam", class_name: str = "all"
+    rows: Sequence[dict], method: str = "gradcam", class_name: str = "all",
+    budget: Optional[float] = None,
 ) -> List[LevelScore]:
-    """All levels of ``method`` and ``class_name``, weakest explanation first (see module doc)."""
+    """
+    All levels of ``method`` and ``class_name``, weakest explanation first (see module doc), by
+    AD and IC of the whole map (``budget`` None or 100) or of its top ``budget`` % of pixels.
+    """
+    increase_key, drop_key = _metric_keys(budget)
+    if budget not in (None, 100) and budget not in table_budgets(rows):
+        raise LevelSelectionError(
+            f"the table has no AD/IC at the top {budget:g} % of pixels (budgets it has: "
+            f"{[f'{b:g}' for b in table_budgets(rows)]}); re-run tools/explain.py with "
+            f"--budgets {budget:g}"
+        )
     selected = [
         row for row in rows if row.get("method") == method and row.get("class") == class_name
     ]
@@ -110,8 +137,8 @@ def rank_levels(
             )
         scores[level] = LevelScore(
             level=level,
-            increase_in_confidence=_metric(row, "increase_in_confidence"),
-            average_drop=_metric(row, "average_drop"),
+            increase_in_confidence=_metric(row, increase_key),
+            average_drop=_metric(row, drop_key),
             num_images=row.get("num_images"),
         )
     return sorted(
@@ -126,6 +153,7 @@ def select_weakest_levels(
     class_name: str = "all",
     count: Optional[int] = None,
     max_increase: Optional[float] = None,
+    budget: Optional[float] = None,
 ) -> List[str]:
     """
     The levels that should get attention branches, in pyramid order (as a config lists them).
@@ -133,12 +161,13 @@ def select_weakest_levels(
     Args:
         count: select this many of the weakest levels (``DEFAULT_COUNT`` when no rule is given).
         max_increase: instead, select every level whose Increase in Confidence % is at most this.
+        budget: rank by AD and IC at this budget (see :func:`rank_levels`).
     """
     if count is not None and max_increase is not None:
         raise LevelSelectionError("give either count or max_increase, not both")
     if max_increase is not None and not math.isfinite(max_increase):
         raise LevelSelectionError(f"max_increase must be a finite number, got {max_increase!r}")
-    ranking = rank_levels(rows, method, class_name)
+    ranking = rank_levels(rows, method, class_name, budget)
     if max_increase is not None:
         chosen = [s for s in ranking if s.increase_in_confidence <= max_increase]
         if not chosen:

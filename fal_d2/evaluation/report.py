@@ -25,16 +25,20 @@ __all__ = ["render_html_report", "write_evaluation_report", "write_html_report"]
 METHOD_TITLES = {
     "gradcam": "Grad-CAM",
     "gradcampp": "Grad-CAM++",
-    "attention": "Attention map",
+    "attention": "Attention map M",
+    "branch_cam": "Branch class map",
     "fused": "Fused",
 }
-# (row key, column title, short title for the wide per-class tables, higher is better)
+# (row key, column title, short title for the wide per-class tables, higher is better; None:
+# neither, no best value is marked). The budgeted columns come first: see explanation_metrics.
 EXPLANATION_METRICS = [
-    ("average_drop", "Average Drop % ↓", "AD ↓", False),
-    ("increase_in_confidence", "Increase in Confidence % ↑", "IC ↑", True),
+    ("average_drop", "Average Drop % ↓ (whole map)", "AD ↓", False),
+    ("increase_in_confidence", "Increase in Confidence % ↑ (whole map)", "IC ↑", True),
+    ("coverage", "Coverage (mean of the map)", "Cov", None),
     ("deletion_auc", "Deletion AUC ↓", "Del ↓", False),
     ("insertion_auc", "Insertion AUC ↑", "Ins ↑", True),
 ]
+BUDGET_KEY = re.compile(r"(average_drop|increase_in_confidence)_top([0-9.]+)")
 ACCURACY_TITLES = {
     "top1": "Top-1 accuracy %",
     "top5": "Top-5 accuracy %",
@@ -200,22 +204,41 @@ def _confusion_section(confusion_matrix: dict) -> str:
     )
 
 
-def _best_values(rows: Sequence[dict]) -> dict:
+def explanation_metrics(rows: Sequence[dict]) -> list:
+    """
+    The columns for ``rows``: AD and IC at each budget found in them (top k % of each map's
+    pixels, smallest k first: the coverage-fair headline), then the whole-map metrics.
+    """
+    budgets = sorted({float(m.group(2)) for row in rows for key in row
+                      if (m := BUDGET_KEY.fullmatch(key))})
+    columns = []
+    for percent in budgets:
+        columns += [
+            (f"average_drop_top{percent:g}", f"Average Drop % ↓ (top {percent:g} %)",
+             f"AD{percent:g} ↓", False),
+            (f"increase_in_confidence_top{percent:g}",
+             f"Increase in Confidence % ↑ (top {percent:g} %)", f"IC{percent:g} ↑", True),
+        ]
+    return columns + EXPLANATION_METRICS
+
+
+def _best_values(rows: Sequence[dict], metrics) -> dict:
     """For each metric, its best value over ``rows`` (ties all count as best)."""
     best = {}
-    for key, _, _, higher_is_better in EXPLANATION_METRICS:
+    for key, _, _, higher_is_better in metrics:
         values = [row.get(key) for row in rows if isinstance(row.get(key), numbers.Real)]
-        if values:
+        if values and higher_is_better is not None:
             best[key] = max(values) if higher_is_better else min(values)
     return best
 
 
 def _overall_table(rows: Sequence[dict]) -> str:
     rows = sorted(rows, key=lambda row: _level_order(row["level"]))
-    best = _best_values(rows)
+    metrics = explanation_metrics(rows)
+    best = _best_values(rows, metrics)
     header = (
         _cell("level", header=True, classes=["name"])
-        + "".join(_cell(title, header=True) for _, title, _, _ in EXPLANATION_METRICS)
+        + "".join(_cell(title, header=True) for _, title, _, _ in metrics)
         + _cell("images", header=True)
     )
     body = [
@@ -224,7 +247,7 @@ def _overall_table(rows: Sequence[dict]) -> str:
             _cell(
                 row.get(key), classes=["best"] if key in best and row.get(key) == best[key] else []
             )
-            for key, _, _, _ in EXPLANATION_METRICS
+            for key, _, _, _ in metrics
         )
         + _cell(row.get("num_images"))
         for row in rows
@@ -236,7 +259,8 @@ def _per_class_table(rows: Sequence[dict]) -> str:
     """Rows = classes; for each level, the metrics that this method computed for some class."""
     classes = list(dict.fromkeys(row["class"] for row in rows))
     levels = sorted({row["level"] for row in rows}, key=_level_order)
-    metrics = [m for m in EXPLANATION_METRICS if any(row.get(m[0]) is not None for row in rows)]
+    metrics = [m for m in explanation_metrics(rows)
+               if any(row.get(m[0]) is not None for row in rows)]
     by_key = {(row["class"], row["level"]): row for row in rows}
     level_header = _cell("", header=True) + "".join(
         f'<th colspan="{len(metrics)}">{_escape(level)}</th>' for level in levels
@@ -255,19 +279,29 @@ def _per_class_table(rows: Sequence[dict]) -> str:
         )
         for name in classes
     ]
-    legend = ", ".join(
-        f"{short_title.split()[0]} = {title}" for _, title, short_title, _ in metrics
-    )
+    legend = ", ".join(f"{short_title.split()[0]} = {title}" for _, title, short_title, _ in metrics)
     table = _table([level_header, metric_header], body)
     return f'<p>{_escape(legend)}</p><div class="wide">{table}</div>'
 
 
-def _explanation_section(explanation_rows: Sequence[dict]) -> str:
+MASK_DESCRIPTIONS = {
+    "normalized": "E multiplies the normalised input, so masked pixels are the mean colour "
+                  "(pytorch-grad-cam's and TorchCAM's convention)",
+    "pixel": "E multiplies the raw pixels, so masked pixels are black",
+}
+
+
+def _explanation_section(explanation_rows: Sequence[dict], mask: Optional[str] = None) -> str:
     parts = [
         '<h2 id="explanations">Explanation quality by pyramid level</h2>',
         "<p>Average Drop % and Deletion AUC: lower is better; Increase in Confidence % and "
-        "Insertion AUC: higher is better. The best value of each column is bold.</p>",
+        "Insertion AUC: higher is better. The best value of each column is bold. \"Top k %\" "
+        "columns keep only each map's k % most salient pixels, so that maps of different "
+        "coverage are compared on equal area: AD and IC of the whole map reward coverage.</p>",
     ]
+    if mask:
+        parts.append(f"<p>Mask convention: {_escape(mask)}: "
+                     f"{_escape(MASK_DESCRIPTIONS.get(mask, ''))}.</p>")
     for method in sorted({row["method"] for row in explanation_rows}, key=_method_order):
         method_rows = [row for row in explanation_rows if row["method"] == method]
         overall = [row for row in method_rows if row["class"] == "all"]
@@ -311,6 +345,7 @@ def render_html_report(
     explanation_rows: Optional[Sequence[dict]] = None,
     images: Sequence[Tuple[str, str]] = (),
     notes: Union[None, str, Sequence[str]] = None,
+    explanation_mask: Optional[str] = None,
 ) -> str:
     """The report's HTML text; see :func:`write_html_report` for the arguments."""
     sections = []  # (anchor, navigation label, html)
@@ -331,7 +366,8 @@ def render_html_report(
         sections.append(("confusion", "Confusion matrix", _confusion_section(confusion_matrix)))
     if explanation_rows:
         sections.append(
-            ("explanations", "Explanation quality", _explanation_section(explanation_rows))
+            ("explanations", "Explanation quality",
+             _explanation_section(explanation_rows, explanation_mask))
         )
     if images:
         sections.append(("heatmaps", "Heatmaps", _images_section(images)))
@@ -367,6 +403,7 @@ def write_html_report(
     explanation_rows: Optional[Sequence[dict]] = None,
     images: Sequence[Tuple[str, str]] = (),
     notes: Union[None, str, Sequence[str]] = None,
+    explanation_mask: Optional[str] = None,
 ) -> None:
     """
     Write one self-contained HTML report atomically (a reader never sees a half-written page).
@@ -381,6 +418,7 @@ def write_html_report(
         explanation_rows: rows of ``explanation_metrics.json`` (method, level, class, metrics).
         images: ``(caption, image_path)`` pairs, e.g. heatmap grid PNGs; each is embedded.
         notes: a paragraph or a list of paragraphs shown under the title (config, checkpoint, ...).
+        explanation_mask: the mask convention the explanation rows were measured with.
     Sections whose argument is None or empty are left out.
     """
     text = render_html_report(
@@ -390,6 +428,7 @@ def write_html_report(
         explanation_rows=explanation_rows,
         images=images,
         notes=notes,
+        explanation_mask=explanation_mask,
     )
     atomic_write_text(path, text)
 
@@ -422,6 +461,7 @@ def write_evaluation_report(
         explanation_rows=explanation["rows"] if explanation else None,
         images=[(f"Heatmaps: {os.path.basename(p)[len('grid_'):-len('.png')]}", p) for p in grids],
         notes=notes,
+        explanation_mask=explanation.get("mask") if explanation else None,
     )
 
 
