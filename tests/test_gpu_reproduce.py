@@ -85,3 +85,37 @@ def test_deadline_refuses_runs_that_would_not_finish():
     assert deadline.allows("second")
     deadline.record(90.0)
     assert not deadline.allows("third")
+
+
+def _comparison_table(path, model, reference, drops):
+    """A layer_analysis.json of ``model`` against ``reference``: one gradcam row each at p2."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rows = [{"model": label, "method": "gradcam", "level": "p2", "class": name,
+             "average_drop_top15": drop, "increase_in_confidence_top15": 1.0, "win_top15": None,
+             "average_drop": drop, "increase_in_confidence": 2.0, "win": None, "coverage": 0.4,
+             "deletion_auc": None, "insertion_auc": None, "num_images": 3}
+            for label, drop in zip((model, reference), drops) for name in ("all", "airplane")]
+    with open(path, "w") as f:
+        json.dump({"mask": "normalized", "budgets": [15.0], "rows": rows}, f)
+
+
+def test_comparison_summary_means_over_seeds_and_takes_the_reference_once(tmp_path):
+    gpu_reproduce = _load_tool("gpu_reproduce")
+    root = tmp_path / "comparison"
+    for seed, drops in [(0, (10.0, 50.0)), (1, (20.0, 70.0))]:
+        _comparison_table(str(root / f"fal_p2p3_s{seed}_vs_fpn_baseline_s{seed}" / "normalized"
+                              / "layer_analysis.json"), "fal_p2p3", "fpn_baseline", drops)
+        _comparison_table(str(root / f"fal_p2p3_faithful_s{seed}_vs_fpn_baseline_s{seed}"
+                              / "normalized" / "layer_analysis.json"),
+                          "fal_p2p3_faithful", "fpn_baseline", (5.0, drops[1]))
+    records = gpu_reproduce.summarize_comparison(str(tmp_path))
+    assert sorted((r["model"], r["seed"]) for r in records) == sorted(
+        (model, seed) for model in ("fal_p2p3", "fal_p2p3_faithful", "fpn_baseline")
+        for seed in (0, 1))
+    table = (tmp_path / "explanations.md").read_text().splitlines()
+    assert table[0] == "### Mask convention: normalized"
+    assert table[2].startswith("| model | method | level | seeds | AD 15 % | IC 15 % | Win 15 % |")
+    by_model = {line.split(" | ")[0][2:]: line for line in table[4:] if line}
+    assert by_model["fal_p2p3"].startswith("| fal_p2p3 | gradcam | p2 | 2 | 15.0 ± 5.0 | 1.0 ± 0.0 | – |")
+    assert " | 2 | 60.0 ± 10.0 | " in by_model["fpn_baseline"]
+    assert json.loads((tmp_path / "explanations.json").read_text()) == records

@@ -191,8 +191,11 @@ def sample_report_inputs(tmp_path):
                         "method": method,
                         "level": level,
                         "class": class_name,
+                        "average_drop_top15": 60.0 + index,
+                        "increase_in_confidence_top15": 3.0 + index,
                         "average_drop": 20.0 + 10 * index,
                         "increase_in_confidence": 30.0 - 7 * index,
+                        "coverage": 0.4,
                         "deletion_auc": 0.1 + 0.05 * index if method == "gradcam" else None,
                         "insertion_auc": 0.7 - 0.05 * index if method == "gradcam" else None,
                         "num_images": 60 if class_name == "all" else 20,
@@ -375,8 +378,10 @@ def test_text_is_escaped_and_tables_render(rendered):
     for expected in [
         "Top-1 accuracy %",
         "86.67",
-        "Average Drop % ↓",
-        "Increase in Confidence % ↑",
+        "Average Drop % ↓ (whole map)",
+        "Increase in Confidence % ↑ (whole map)",
+        "Average Drop % ↓ (top 15 %)",
+        "Coverage (mean of the map)",
         "Grad-CAM++",
         "config: configs/fal_p2p3.yaml",
         f"Grad-CAM on p2 <{CLASS_NAMES[2]}>",
@@ -412,7 +417,8 @@ def test_evaluation_report_is_assembled_from_evaluator_outputs(tmp_path):
     inference_dir.mkdir()
     explain_dir.mkdir()
     (inference_dir / "confusion_matrix.json").write_text(json.dumps(inputs["confusion_matrix"]))
-    (explain_dir / "explanation_metrics.json").write_text(json.dumps({"rows": inputs["explanation_rows"]}))
+    (explain_dir / "explanation_metrics.json").write_text(
+        json.dumps({"rows": inputs["explanation_rows"], "mask": "normalized"}))
     save_heatmap_grid(explain_dir / "grid_gradcam.png", 0)
     path = tmp_path / "report.html"
     write_evaluation_report(
@@ -426,6 +432,7 @@ def test_evaluation_report_is_assembled_from_evaluator_outputs(tmp_path):
     assert "ucmerced_test" in page and "86.67" in page
     assert page.count("data:image/png;base64,") == 1
     assert "Heatmaps: gradcam" in page
+    assert "Mask convention: normalized: E multiplies the normalised input" in page
     for name in CLASS_NAMES:
         assert html.escape(name) in page
     # Without an explanation folder the accuracy part still renders.

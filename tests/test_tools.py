@@ -124,6 +124,7 @@ def test_benchmark_reports_ratios_to_the_baseline(tmp_path, amp):
     assert baseline["gflops_ratio"] == 1.0 and baseline["attention_ms_img"] is None
     assert fal["gflops"] > baseline["gflops"] and fal["params_M"] > baseline["params_M"]
     assert fal["attention_ms_img"] > 0 and fal["gradcam_ms_img"] > 0
+    assert fal["branch_cam_ms_img"] > 0 and baseline["branch_cam_ms_img"] is None
     with open(output) as f:
         written = json.load(f)
     assert written["environment"]["device"] == "cpu" and len(written["results"]) == 2

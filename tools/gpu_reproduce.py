@@ -15,7 +15,11 @@ Stages:
   train     each run of --runs: tools/train_net.py from scratch with SOLVER.AMP, evaluated once at
             the end (top-1, top-5, mean per-class accuracy, AD/IC per method and level);
   analysis  tools/explain.py's layer analysis of the first FPN baseline run, tools/select_levels.py
-            on it, and the FAL-vs-FPN table and heatmap grids (airplane and all classes).
+            on it, then, for every seed with the runs, FAL (fal_p2p3) and FAL with the
+            faithful-map objective (fal_p2p3_faithful) each against the FPN baseline of the same
+            seed: Grad-CAM, the attention map M and the branch class map at p2 and p3, in both
+            mask conventions, with budgets, coverage, Win % and deletion/insertion AUC
+            (explanations.json and explanations.md: means over the seeds), and heatmap grids.
 
 Every stage writes JSON under --output. Re-running with the same --output skips finished runs,
 and a run that was cut off resumes from its last checkpoint. ``--deadline-s`` stops starting runs
@@ -51,6 +55,8 @@ RUNS = {
     "fal_p2p3_s0": ("configs/fal_p2p3.yaml", 0),
     "fpn_baseline_s1": ("configs/fpn_baseline.yaml", 1),
     "fal_p2p3_s1": ("configs/fal_p2p3.yaml", 1),
+    "fal_p2p3_faithful_s0": ("configs/fal_p2p3_faithful.yaml", 0),
+    "fal_p2p3_faithful_s1": ("configs/fal_p2p3_faithful.yaml", 1),
     "fal_p2_s0": ("configs/fal_p2.yaml", 0),
     "fal_p3_s0": ("configs/fal_p3.yaml", 0),
     "fal_p4_s0": ("configs/fal_p4.yaml", 0),
@@ -59,9 +65,17 @@ RUNS = {
     "abn_r50_s0": ("configs/abn_r50.yaml", 0),
 }
 STAGES = ("cost", "train", "analysis")
-ANALYSED_RUNS = ("fpn_baseline_s0", "fal_p2p3_s0")  # the analysis stage explains these two
-BENCHMARK_CONFIGS = ["configs/fpn_baseline.yaml", "configs/fal_p2p3.yaml", "configs/fal_all.yaml"]
-EXPLAIN_METHODS = ["attention", "gradcam", "gradcampp"]
+ANALYSED_RUNS = ("fpn_baseline_s0", "fal_p2p3_s0")  # the analysis needs these two first
+# The explanation comparison: each model against the reference (its Grad-CAM is Win %'s
+# reference), seed by seed, at these levels, in both mask conventions.
+COMPARED = ("fal_p2p3", "fal_p2p3_faithful")
+REFERENCE = "fpn_baseline"
+COMPARED_LEVELS = ["p2", "p3"]
+COMPARED_METHODS = ["gradcam", "attention", "branch_cam"]
+MASKS = ("normalized", "pixel")
+BENCHMARK_CONFIGS = ["configs/fpn_baseline.yaml", "configs/fal_p2p3.yaml", "configs/fal_all.yaml",
+                     "configs/fal_p2p3_faithful.yaml"]
+EXPLAIN_METHODS = ["branch_cam", "attention", "gradcam", "gradcampp"]
 
 
 def environment():
@@ -249,35 +263,126 @@ def stage_train(args, output_dir, deadline, runs):
 
 
 def stage_analysis(args, output_dir):
-    """Layer analysis of the seed-0 baseline, level selection, and FAL vs FPN (seed 0 each)."""
+    """Layer analysis of the seed-0 baseline and level selection, then the explanation comparison
+    (see the module docstring) for every seed whose three runs are trained."""
     runs_dir = os.path.join(output_dir, "runs")
-    baseline, fal = (os.path.join(runs_dir, name, "model_final.pth") for name in ANALYSED_RUNS)
     analysis_dir = os.path.join(output_dir, "analysis")
-    if os.path.isdir(os.path.join(analysis_dir, "figures")):
-        print("analysis: already done, skipped")
-        return
-    if not (os.path.isfile(baseline) and os.path.isfile(fal)):
-        print("analysis: needs fpn_baseline_s0 and fal_p2p3_s0 trained in this --output; skipped")
+    baseline = os.path.join(runs_dir, "fpn_baseline_s0", "model_final.pth")
+    if not os.path.isfile(baseline):
+        print("analysis: needs fpn_baseline_s0 trained in this --output; skipped")
         return
     os.makedirs(analysis_dir, exist_ok=True)
     explain = [sys.executable, os.path.join(TOOLS_DIR, "explain.py"), "--class-name", "airplane",
-               "--auc-steps", "0", "--vis-per-class", "1"]
+               "--vis-per-class", "1", "--auc-steps", str(args.auc_steps)]
+    if args.explain_images:
+        explain += ["--max-images", str(args.explain_images)]
     layer_dir = os.path.join(analysis_dir, "layer_analysis")
-    run_logged(explain + ["--config-file", "configs/fpn_baseline.yaml", "--weights", baseline,
-                          "--methods", "gradcam", "gradcampp", "--output", layer_dir,
-                          *common_opts(args)],
-               os.path.join(analysis_dir, "layer_analysis_log.txt"))
-    metrics = [os.path.join(root, name) for root, _, names in os.walk(layer_dir)
-               for name in names if name == "explanation_metrics.json"]
-    run_logged([sys.executable, os.path.join(TOOLS_DIR, "select_levels.py"), metrics[0],
-                "--output", os.path.join(analysis_dir, "fal_selected.yaml")],
-               os.path.join(analysis_dir, "select_levels_log.txt"))
-    run_logged(explain + ["--config-file", "configs/fal_p2p3.yaml", "--weights", fal,
-                          "--compare-config", "configs/fpn_baseline.yaml", "--compare-weights", baseline,
-                          "--methods", *EXPLAIN_METHODS, "--output",
-                          os.path.join(analysis_dir, "fal_vs_fpn"), *common_opts(args)],
-               os.path.join(analysis_dir, "fal_vs_fpn_log.txt"))
+    if not os.path.isfile(os.path.join(layer_dir, "layer_analysis.json")):
+        run_logged(explain + ["--config-file", RUNS["fpn_baseline_s0"][0], "--weights", baseline,
+                              "--methods", "gradcam", "gradcampp", "--output", layer_dir,
+                              *common_opts(args)],
+                   os.path.join(analysis_dir, "layer_analysis_log.txt"))
+        metrics = [os.path.join(root, name) for root, _, names in os.walk(layer_dir)
+                   for name in names if name == "explanation_metrics.json"]
+        run_logged([sys.executable, os.path.join(TOOLS_DIR, "select_levels.py"), metrics[0],
+                    "--output", os.path.join(analysis_dir, "fal_selected.yaml")],
+                   os.path.join(analysis_dir, "select_levels_log.txt"))
+    for seed in (0, 1):
+        reference = f"{REFERENCE}_s{seed}"
+        for model in COMPARED:
+            name = f"{model}_s{seed}"
+            weights = [os.path.join(runs_dir, run, "model_final.pth") for run in (name, reference)]
+            if not all(os.path.isfile(path) for path in weights):
+                continue
+            for mask in MASKS:
+                out = os.path.join(analysis_dir, "comparison", f"{name}_vs_{reference}", mask)
+                if os.path.isfile(os.path.join(out, "layer_analysis.json")):
+                    continue
+                run_logged(explain + ["--config-file", RUNS[name][0], "--weights", weights[0],
+                                      "--compare-config", RUNS[reference][0],
+                                      "--compare-weights", weights[1],
+                                      "--methods", *COMPARED_METHODS, "--levels", *COMPARED_LEVELS,
+                                      "--mask", mask, "--output", out, *common_opts(args)],
+                           os.path.join(analysis_dir, "comparison_log.txt"))
+    summarize_comparison(analysis_dir)
     shrink_grids(analysis_dir)
+
+
+def summarize_comparison(analysis_dir):
+    """
+    ``explanations.json``: every "all"-class row of the comparison, per seed and mask, with the
+    models' top-1; ``explanations.md``: their means over the seeds (± half the range with two).
+    The reference model's rows come from each comparison it appears in (the same model and
+    images, so the same numbers), taken once per seed.
+    """
+    root = os.path.join(analysis_dir, "comparison")
+    if not os.path.isdir(root):
+        return None
+    records = []
+    for pair in sorted(os.listdir(root)):
+        seed = int(re.search(r"_s(\d+)_vs_", pair).group(1))
+        for mask in MASKS:
+            path = os.path.join(root, pair, mask, "layer_analysis.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                table = json.load(f)
+            for row in table["rows"]:
+                if row["class"] != "all":
+                    continue
+                model = row["model"].replace("_compare", "")
+                key = (model, row["method"], row["level"], mask, seed)
+                if any(r["key"] == key for r in records):
+                    continue  # the reference, already taken from another comparison
+                records.append({"key": key, "model": model, "seed": seed, "mask": mask,
+                                "budgets": table["budgets"], **{k: v for k, v in row.items()
+                                                                if k not in ("model", "class")}})
+    for record in records:
+        del record["key"]
+    atomic_write_json(os.path.join(analysis_dir, "explanations.json"), records)
+    atomic_write_text(os.path.join(analysis_dir, "explanations.md"), comparison_markdown(records))
+    return records
+
+
+def comparison_markdown(records):
+    """Means over seeds of the comparison rows, one table per mask convention."""
+    def cell(values, digits=1):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "–"
+        mean = sum(values) / len(values)
+        spread = (max(values) - min(values)) / 2
+        return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if len(values) > 1 else "")
+
+    budgets = records[0]["budgets"] if records else []
+    columns = []
+    for percent in budgets:
+        suffix = f"_top{percent:g}"
+        columns += [(f"average_drop{suffix}", f"AD {percent:g} %"),
+                    (f"increase_in_confidence{suffix}", f"IC {percent:g} %"),
+                    (f"win{suffix}", f"Win {percent:g} %")]
+    columns += [("average_drop", "AD"), ("increase_in_confidence", "IC"), ("win", "Win"),
+                ("coverage", "coverage"), ("deletion_auc", "Del AUC"),
+                ("insertion_auc", "Ins AUC")]
+    lines = []
+    for mask in MASKS:
+        rows = [r for r in records if r["mask"] == mask]
+        if not rows:
+            continue
+        lines += [f"### Mask convention: {mask}", "",
+                  "| model | method | level | seeds | " + " | ".join(t for _, t in columns) + " |",
+                  "|" + " --- |" * (4 + len(columns))]
+        groups = {}
+        for r in rows:
+            groups.setdefault((r["model"], r["method"], r["level"]), []).append(r)
+        for (model, method, level), group in groups.items():
+            cells = [cell([r.get(key) for r in group], 3 if key in ("coverage", "deletion_auc",
+                                                                    "insertion_auc") else 1)
+                     for key, _ in columns]
+            lines.append(f"| {model} | {method} | {level} | {len(group)} | " + " | ".join(cells)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def shrink_grids(analysis_dir, max_width=1400):
@@ -287,15 +392,21 @@ def shrink_grids(analysis_dir, max_width=1400):
 
     figures_dir = os.path.join(analysis_dir, "figures")
     os.makedirs(figures_dir, exist_ok=True)
-    for name in ("fal_vs_fpn",):
-        folder = os.path.join(analysis_dir, name)
+    root = os.path.join(analysis_dir, "comparison")
+    folders = [os.path.join(pair, "normalized") for pair in sorted(os.listdir(root))
+               if "_s0_" in pair] if os.path.isdir(root) else []
+    for name in folders:
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue
         for grid in sorted(f for f in os.listdir(folder) if f.startswith("grid_")):
             with Image.open(os.path.join(folder, grid)) as image:
                 image = image.convert("RGB")
                 scale = min(1.0, max_width / image.width)
                 image = image.resize((round(image.width * scale), round(image.height * scale)),
                                      Image.LANCZOS)
-                image.save(os.path.join(figures_dir, f"{name}_{grid}"), optimize=True)
+                pair = name.split(os.sep)[0]
+                image.save(os.path.join(figures_dir, f"{pair}_{grid}"), optimize=True)
 
 
 # ---------------------------------------------------------------- summary
@@ -345,11 +456,12 @@ def summarize(output_dir):
             with open(path) as f:
                 runs[name] = json.load(f)
     summary = {"environment": environment(), "runs": runs}
-    for name in ("benchmark_gpu.json", "loader.json"):
+    for key, name in [("benchmark_gpu", "benchmark_gpu.json"), ("loader", "loader.json"),
+                      ("explanations", os.path.join("analysis", "explanations.json"))]:
         path = os.path.join(output_dir, name)
         if os.path.isfile(path):
             with open(path) as f:
-                summary[name[: -len(".json")]] = json.load(f)
+                summary[key] = json.load(f)
     atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
     atomic_write_text(os.path.join(output_dir, "runs.md"), runs_markdown(runs))
     table = [[name, r["top1"], r["mean_class_acc"], r["train_img_s"], r["wall_s"]]
@@ -374,6 +486,11 @@ def main(argv=None):
     parser.add_argument("--loader-batches", type=int, default=60)
     parser.add_argument("--loader-warmup", type=int, default=30)
     parser.add_argument("--deadline-s", type=float, help="start no run that would end after this")
+    parser.add_argument("--auc-steps", type=int, default=16,
+                        help="steps of the analysis' deletion/insertion curves (0: none)")
+    parser.add_argument("--explain-images", type=int,
+                        help="explain at most N test images in the analysis, taken in turn from "
+                             "each class (default: all)")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides for every run (KEY VALUE ...). They go last, after an "
                              "option with one value (e.g. --output DIR): a list option such as --runs "
@@ -392,6 +509,8 @@ def main(argv=None):
         stage_analysis(args, args.output)
     if "train" in args.stages:
         stage_train(args, args.output, deadline, [name for name in args.runs if name not in first])
+        if "analysis" in args.stages:  # the comparisons of the runs trained since
+            stage_analysis(args, args.output)
     return summarize(args.output)
 
 
