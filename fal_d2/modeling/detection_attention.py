@@ -4,17 +4,20 @@ A detection image has several classes, so each attention branch is trained as a 
 classifier: binary cross-entropy of its (N, K) logits against which of the K detection classes
 appear among the image's ground-truth instances. FALRCNN and FALRetinaNet share this module.
 """
+import functools
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
+from detectron2.config import configurable
 from detectron2.structures import ImageList, Instances
 
 from .attention_branch import AttentionOutput
 from .map_resize import level_maps_to_images, min_max_per_image
 
 __all__ = [
+    "FALDetectorMixin",
     "check_detection_attention_config",
     "multi_hot_targets",
     "attention_losses",
@@ -102,3 +105,31 @@ def add_attention_maps(
             level: min_max_per_image(maps[i][None])[0] for level, maps in class_maps.items()
         }
     return results
+
+
+class FALDetectorMixin:
+    """
+    The constructor FALRCNN and FALRetinaNet share, put before their Detectron2 parent: it adds
+    ``att_loss_weight`` (MODEL.FAL.ATT_LOSS_WEIGHT) and checks the branches against the
+    detector's class count, read from the config key ``num_classes_key``.
+    """
+
+    num_classes_key = ""  # e.g. "MODEL.ROI_HEADS.NUM_CLASSES"
+
+    @configurable
+    def __init__(self, *, att_loss_weight: float = 1.0, **kwargs):
+        """
+        Args:
+            att_loss_weight: weight of each level's attention loss.
+            kwargs: arguments of the Detectron2 detector.
+        """
+        super().__init__(**kwargs)
+        self.att_loss_weight = att_loss_weight
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        num_classes = functools.reduce(getattr, cls.num_classes_key.split("."), cfg)
+        check_detection_attention_config(cfg, ret["backbone"], cls.num_classes_key, num_classes)
+        ret["att_loss_weight"] = cfg.MODEL.FAL.ATT_LOSS_WEIGHT
+        return ret

@@ -1,47 +1,26 @@
 """FALRCNN: Detectron2's GeneralizedRCNN (Faster/Mask R-CNN) with FAL attention on FPN levels."""
 from typing import Dict, List
 
-from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from .detection_attention import (
-    add_attention_maps,
-    attention_losses,
-    check_detection_attention_config,
-)
+from .detection_attention import FALDetectorMixin, add_attention_maps, attention_losses
 
 
 @META_ARCH_REGISTRY.register()
-class FALRCNN(GeneralizedRCNN):
+class FALRCNN(FALDetectorMixin, GeneralizedRCNN):
     """
     A GeneralizedRCNN whose backbone (e.g. ``build_fal_resnet_fpn_backbone``) has ABN attention
     branches on MODEL.FAL.ATTENTION_LEVELS. The detector is unchanged: it sees the attended
     features g'(x) = (1 + M(x)) g(x). Each branch is trained on which classes the image contains.
 
     Training adds ``loss_att_<level>`` (MODEL.FAL.ATT_LOSS_WEIGHT times a multi-label BCE) to the
-    detector's losses. Inference adds ``"attention": {level: map at the original image size}`` to
-    each image's ``{"instances": ...}``; the raw branch outputs stay in ``backbone.last_attention``.
+    detector's losses. Inference adds ``"attention"`` and ``"class_map"`` ({level: map at the
+    original image size}, see :func:`add_attention_maps`) to each image's ``{"instances": ...}``;
+    the raw branch outputs stay in ``backbone.last_attention``.
     With no attention levels it computes exactly what GeneralizedRCNN computes.
     """
 
-    @configurable
-    def __init__(self, *, att_loss_weight: float = 1.0, **kwargs):
-        """
-        Args:
-            att_loss_weight: weight of each level's attention loss.
-            kwargs: arguments of :class:`GeneralizedRCNN`.
-        """
-        super().__init__(**kwargs)
-        self.att_loss_weight = att_loss_weight
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        check_detection_attention_config(
-            cfg, ret["backbone"], "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        )
-        ret["att_loss_weight"] = cfg.MODEL.FAL.ATT_LOSS_WEIGHT
-        return ret
+    num_classes_key = "MODEL.ROI_HEADS.NUM_CLASSES"
 
     def forward(self, batched_inputs: List[Dict]):
         outputs = super().forward(batched_inputs)  # in inference, this calls self.inference
