@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 
 
+# A map whose values span less than this fraction of their magnitude counts as constant.
+CONSTANT_RELATIVE_SPAN = 1e-5
+
+
 def level_maps_to_images(
     level_maps: torch.Tensor,
     padded_size: Tuple[int, int],
@@ -38,10 +42,13 @@ def min_max_per_image(maps: torch.Tensor) -> torch.Tensor:
     """
     (N, ...) maps scaled to [0, 1] per image, as CAM and Grad-CAM are shown. A constant map
     carries no localisation and becomes all zeros: as all ones it would keep the whole image and
-    score a perfect Average Drop.
+    score a perfect Average Drop. "Constant" allows rounding: bilinear resizing of a constant map
+    leaves noise of a few float32 steps, which must not be stretched to [0, 1].
     """
     flat = maps.float().flatten(1)
     low = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - low
+    high = flat.max(dim=1, keepdim=True).values
+    span = high - low
+    rounding = CONSTANT_RELATIVE_SPAN * torch.maximum(low.abs(), high.abs())
     safe_span = span.clamp_min(torch.finfo(flat.dtype).tiny)
-    return torch.where(span > 0, (flat - low) / safe_span, 0.0).view_as(maps)
+    return torch.where(span > rounding, (flat - low) / safe_span, 0.0).view_as(maps)
