@@ -28,7 +28,8 @@ class FALPredictor(DefaultPredictor):
 
     Detectron2's predictor resizes by the shortest edge; a classifier is trained on exact
     ``INPUT.CLS.SIZE`` squares, so this one resizes the same way. It also accepts grayscale, BGRA,
-    16-bit and float images. Returns the model's dict: ``scores``, ``pred_class``, ``attention``...
+    16-bit and float images. Returns the model's dict: ``scores``, ``pred_class``, ``class_map``
+    (per level, the branch's class map of the predicted class: the explanation), ``attention``...
     """
 
     def __init__(self, cfg):

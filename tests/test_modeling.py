@@ -235,6 +235,7 @@ def test_predictor_handles_image_layouts(tiny_cfg, image):
     assert output["scores"].shape == (5,)
     for level in ("p2", "p3"):
         assert output["attention"][level].shape == image.shape[:2]
+        assert output["class_map"][level].shape == image.shape[:2]
 
 
 def test_predictor_rejects_bad_shapes(tiny_cfg):
