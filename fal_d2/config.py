@@ -31,6 +31,7 @@ def add_fal_config(cfg):
     cfg.MODEL.FAL.FAITHFUL_MAP.SHARPNESS = 20.0  # soft top-k: T = S * sigmoid(SHARPNESS * (S - k-th quantile))
     cfg.MODEL.FAL.FAITHFUL_MAP.IMS_PER_LEVEL = 4  # images of each batch masked per branch (cost: 2 extra passes each)
     cfg.MODEL.FAL.FAITHFUL_MAP.START_ITER = 0  # first iteration with the objective; let the maps form first
+    cfg.MODEL.FAL.FAITHFUL_MAP.UPDATE_CLASSIFIER = False  # False: masked passes train only the maps (TAME's frozen classifier)
 
     cfg.MODEL.CLS_HEAD = CN()
     cfg.MODEL.CLS_HEAD.NAME = "PooledFusionHead"  # name in CLS_HEAD_REGISTRY (perception head)

@@ -82,3 +82,19 @@ def test_bad_values_fail_at_build_time_naming_the_key(tiny_cfg, key, value, mess
     cfg = tiny_cfg("fal_p2p3.yaml", *ON, f"MODEL.FAL.FAITHFUL_MAP.{key}", value)
     with pytest.raises(ValueError, match=f"MODEL.FAL.FAITHFUL_MAP.{message}"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("update_classifier", [False, True])
+def test_masked_passes_train_the_classifier_only_when_asked(tiny_cfg, update_classifier):
+    """By default the masked passes run on detached weights (TAME's frozen classifier): their
+    gradient reaches the class maps through T, and never the head, which only they feed."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("fal_p2p3.yaml", *ON, "MODEL.FAL.FAITHFUL_MAP.UPDATE_CLASSIFIER",
+                                 update_classifier)).train()
+    losses = model(_inputs(4))
+    model.zero_grad()
+    (losses["loss_map_keep"] + losses["loss_map_destroy"]).backward()
+    head_grad = model.head.linear.weight.grad
+    branch_grad = model.backbone.attention_branches["p3"].class_logits.weight.grad
+    assert float(branch_grad.abs().sum()) > 0
+    assert (head_grad is not None and float(head_grad.abs().sum()) > 0) == update_classifier

@@ -12,15 +12,20 @@ to point at the evidence the classifier uses. This objective does, on the measur
 * area: mean(T), so that the map stays peaked inside its budget.
 
 x is the *normalised* input, so masked pixels are the mean colour, as in the evaluation. The masked
-passes use BatchNorm's running statistics, as inference does, and leave them unchanged. Cost: two
-extra forward/backward passes for ``ims_per_level`` images per branch, from ``start_iter`` on.
+passes use BatchNorm's running statistics, as inference does, and leave them unchanged. By default
+they run on detached weights, as TAME trains its maps against a frozen classifier: their gradient
+reaches the class maps (through T), not the classifier, which is never taught to recognise masked
+images (``update_classifier`` lets it be: on the CPU schedule that cost 15 points of top-1). Cost:
+two extra forward/backward passes for ``ims_per_level`` images per branch, from ``start_iter`` on.
 """
 import contextlib
+import itertools
 from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from detectron2.config import configurable
 from detectron2.utils.events import get_event_storage
@@ -43,6 +48,13 @@ def batchnorm_in_eval(model: nn.Module):
     finally:
         for layer, mode in zip(layers, modes):
             layer.train(mode)
+
+
+def detached_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The module's parameters and buffers, detached: run with :func:`functional_call`, the
+    module computes as usual but no gradient reaches its weights."""
+    return {name: tensor.detach() for name, tensor in
+            itertools.chain(module.named_parameters(), module.named_buffers())}
 
 
 def check_faithful_map_config(cfg) -> None:
@@ -69,8 +81,10 @@ class FaithfulMapLoss(nn.Module):
     @configurable
     def __init__(self, *, keep_weight: float = 1.0, destroy_weight: float = 0.5,
                  area_weight: float = 0.5, budgets: Sequence[float] = (15, 50),
-                 sharpness: float = 20.0, ims_per_level: int = 4, start_iter: int = 0):
+                 sharpness: float = 20.0, ims_per_level: int = 4, start_iter: int = 0,
+                 update_classifier: bool = False):
         super().__init__()
+        self.update_classifier = update_classifier
         self.keep_weight = keep_weight
         self.destroy_weight = destroy_weight
         self.area_weight = area_weight
@@ -91,6 +105,7 @@ class FaithfulMapLoss(nn.Module):
             "sharpness": node.SHARPNESS,
             "ims_per_level": node.IMS_PER_LEVEL,
             "start_iter": node.START_ITER,
+            "update_classifier": node.UPDATE_CLASSIFIER,
         }
 
     def active(self) -> bool:
@@ -108,6 +123,12 @@ class FaithfulMapLoss(nn.Module):
         threshold = torch.quantile(flat.detach(), 1 - keep_fraction, dim=1).diagonal()
         weights = torch.sigmoid(self.sharpness * (flat - threshold[:, None]))
         return (flat * weights).view_as(saliency)
+
+    def _classify(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        if self.update_classifier:
+            return model.head(model.backbone(images))
+        features = functional_call(model.backbone, detached_state(model.backbone), (images,))
+        return functional_call(model.head, detached_state(model.head), (features,))
 
     def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 attention: Dict[str, AttentionOutput]) -> Dict[str, torch.Tensor]:
@@ -135,7 +156,7 @@ class FaithfulMapLoss(nn.Module):
         masked = torch.cat([x * mask, x * (1 - mask)]).contiguous(
             memory_format=getattr(model, "memory_format", torch.contiguous_format))
         with batchnorm_in_eval(model):
-            logits = model.head(model.backbone(masked)).float()
+            logits = self._classify(model, masked).float()
         keep_logits, destroy_logits = logits.split(len(y))
         destroyed = destroy_logits.softmax(dim=1).gather(1, y[:, None])
         return {
