@@ -264,7 +264,8 @@ def stage_train(args, output_dir, deadline, runs):
 
 def stage_analysis(args, output_dir):
     """Layer analysis of the seed-0 baseline and level selection, then the explanation comparison
-    (see the module docstring) for every seed whose three runs are trained."""
+    (see the module docstring) for every seed whose runs are trained; ``--analyses`` picks the
+    parts. Each finished table is kept, so a re-run does only what is missing."""
     runs_dir = os.path.join(output_dir, "runs")
     analysis_dir = os.path.join(output_dir, "analysis")
     baseline = os.path.join(runs_dir, "fpn_baseline_s0", "model_final.pth")
@@ -273,21 +274,27 @@ def stage_analysis(args, output_dir):
         return
     os.makedirs(analysis_dir, exist_ok=True)
     explain = [sys.executable, os.path.join(TOOLS_DIR, "explain.py"), "--class-name", "airplane",
-               "--vis-per-class", "1", "--auc-steps", str(args.auc_steps)]
+               "--vis-per-class", "1"]
     if args.explain_images:
         explain += ["--max-images", str(args.explain_images)]
+
+    def auc_steps(mask):
+        return ["--auc-steps", str(args.auc_steps if mask in args.auc_masks else 0)]
+
     layer_dir = os.path.join(analysis_dir, "layer_analysis")
-    if not os.path.isfile(os.path.join(layer_dir, "layer_analysis.json")):
-        run_logged(explain + ["--config-file", RUNS["fpn_baseline_s0"][0], "--weights", baseline,
-                              "--methods", "gradcam", "gradcampp", "--output", layer_dir,
-                              *common_opts(args)],
+    if "layers" in args.analyses and not os.path.isfile(
+            os.path.join(layer_dir, "layer_analysis.json")):
+        run_logged(explain + auc_steps("normalized") + [
+                       "--config-file", RUNS["fpn_baseline_s0"][0], "--weights", baseline,
+                       "--methods", "gradcam", "gradcampp", "--output", layer_dir,
+                       *common_opts(args)],
                    os.path.join(analysis_dir, "layer_analysis_log.txt"))
         metrics = [os.path.join(root, name) for root, _, names in os.walk(layer_dir)
                    for name in names if name == "explanation_metrics.json"]
         run_logged([sys.executable, os.path.join(TOOLS_DIR, "select_levels.py"), metrics[0],
                     "--output", os.path.join(analysis_dir, "fal_selected.yaml")],
                    os.path.join(analysis_dir, "select_levels_log.txt"))
-    for seed in (0, 1):
+    for seed in (0, 1) if "comparison" in args.analyses else ():
         reference = f"{REFERENCE}_s{seed}"
         for model in COMPARED:
             name = f"{model}_s{seed}"
@@ -298,11 +305,12 @@ def stage_analysis(args, output_dir):
                 out = os.path.join(analysis_dir, "comparison", f"{name}_vs_{reference}", mask)
                 if os.path.isfile(os.path.join(out, "layer_analysis.json")):
                     continue
-                run_logged(explain + ["--config-file", RUNS[name][0], "--weights", weights[0],
-                                      "--compare-config", RUNS[reference][0],
-                                      "--compare-weights", weights[1],
-                                      "--methods", *COMPARED_METHODS, "--levels", *COMPARED_LEVELS,
-                                      "--mask", mask, "--output", out, *common_opts(args)],
+                run_logged(explain + auc_steps(mask) + [
+                               "--config-file", RUNS[name][0], "--weights", weights[0],
+                               "--compare-config", RUNS[reference][0],
+                               "--compare-weights", weights[1],
+                               "--methods", *COMPARED_METHODS, "--levels", *COMPARED_LEVELS,
+                               "--mask", mask, "--output", out, *common_opts(args)],
                            os.path.join(analysis_dir, "comparison_log.txt"))
     summarize_comparison(analysis_dir)
     shrink_grids(analysis_dir)
@@ -488,6 +496,13 @@ def main(argv=None):
     parser.add_argument("--deadline-s", type=float, help="start no run that would end after this")
     parser.add_argument("--auc-steps", type=int, default=16,
                         help="steps of the analysis' deletion/insertion curves (0: none)")
+    parser.add_argument("--auc-masks", nargs="+", choices=MASKS, default=list(MASKS),
+                        help="mask conventions whose comparisons get deletion/insertion curves "
+                             "(default: both)")
+    parser.add_argument("--analyses", nargs="+", choices=["layers", "comparison"],
+                        default=["layers", "comparison"],
+                        help="analysis parts: the baseline's layer analysis with level "
+                             "selection, and the explanation comparison (default: both)")
     parser.add_argument("--explain-images", type=int,
                         help="explain at most N test images in the analysis, taken in turn from "
                              "each class (default: all)")
