@@ -9,6 +9,7 @@ def add_fal_config(cfg):
     cfg.MODEL.BACKBONE.FREEZE_AT = 0  # train every ResNet stage, stem included
 
     cfg.MODEL.CHANNELS_LAST = False  # NHWC tensors: tensor-core convolutions without layout transposes (GPU + AMP)
+    cfg.MODEL.WEIGHTS_PARTIAL = False  # load MODEL.WEIGHTS even if tensors are missing, extra or of another shape (fal_d2/checkpoint.py)
     cfg.MODEL.FAL = CN()
     cfg.MODEL.FAL.ATTENTION_LEVELS = []  # backbone outputs that get an attention branch; [] = plain backbone
     cfg.MODEL.FAL.ATTENTION_BRANCH = "ABNAttentionBranch"  # name in ATTENTION_BRANCH_REGISTRY
@@ -63,9 +64,11 @@ def add_fal_config(cfg):
 
 def _model_num_classes(cfg):
     """(key, value) of the class count the model's classifier is built with."""
-    if cfg.MODEL.META_ARCHITECTURE in ("FALClassifier",):
+    from fal_d2.task import is_classifier, is_retinanet
+
+    if is_classifier(cfg):
         return "MODEL.CLS_HEAD.NUM_CLASSES", cfg.MODEL.CLS_HEAD.NUM_CLASSES
-    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+    if is_retinanet(cfg):
         return "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
     return "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
@@ -79,3 +82,15 @@ def check_config_against_datasets(cfg):
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != num_classes:
             raise ValueError(f"{key}={num_classes} but dataset '{name}' has {len(classes)} classes")
+
+
+def merge_config_file(cfg, path):
+    """``cfg.merge_from_file(path)``, naming the YAML file when a key or value in it (or in its
+    ``_BASE_`` files) is wrong: yacs's own message names only the key."""
+    import yaml
+
+    try:
+        cfg.merge_from_file(path)
+    except (KeyError, ValueError, AssertionError, yaml.YAMLError) as error:
+        message = str(error.args[0] if error.args else error).splitlines()[0]
+        raise ValueError(f"{path}: {message}") from None

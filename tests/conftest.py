@@ -95,3 +95,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+MINI_ROOT = os.path.join(REPO_ROOT, "tests", "data", "ucmerced_mini")
+
+
+@pytest.fixture(scope="module")
+def mini_datasets():
+    """The committed 105-image UC Merced subset as ucmerced_mini_*; yields (train, test) names."""
+    from detectron2.data import DatasetCatalog
+
+    from fal_d2.data import register_ucmerced
+
+    names = register_ucmerced(MINI_ROOT, prefix="ucmerced_mini", allow_missing=True)
+    yield "ucmerced_mini_train", "ucmerced_mini_test"
+    for name in names:
+        DatasetCatalog.remove(name)
+
+
+def mini_train_opts(output_dir, train, test):
+    """Overrides for a 3-iteration tools/train_net.py run of a tiny model on the mini set."""
+    opts = list(TINY_OVERRIDES)
+    opts[opts.index("MODEL.CLS_HEAD.NUM_CLASSES") + 1] = 21
+    return [str(o) for o in opts] + [
+        "OUTPUT_DIR", str(output_dir),
+        "DATASETS.TRAIN", f"('{train}',)",
+        "DATASETS.TEST", f"('{test}',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "8",
+        "SOLVER.BASE_LR", "0.01",
+        "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.MAX_ITER", "3",
+        "SOLVER.CHECKPOINT_PERIOD", "3",
+        "TEST.EVAL_PERIOD", "3",
+        "TEST.EXPLAIN.ENABLED", "True",
+        "TEST.EXPLAIN.METHODS", "['attention', 'gradcam']",
+        "TEST.EXPLAIN.VIS_PER_CLASS", "1",
+        "TEST.EXPLAIN.AUC_STEPS", "2",
+    ]

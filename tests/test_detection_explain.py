@@ -318,6 +318,7 @@ def test_explain_tool_end_to_end_on_detectors(trained_rcnn, tmp_path):
         "--compare-config", os.path.join(config_dir, BASELINE_CONFIG),
         "--dataset", VAL_SET, "--methods", "attention", "gradcam", "--levels", "p2", "p3",
         "--max-images", "3", "--auc-steps", "0", "--vis-per-class", "1",
+        "--allow-random-weights",  # the --compare model has no weights
         "--output", str(output), *opts,
     ])
 
@@ -343,5 +344,5 @@ def test_explain_tool_end_to_end_on_detectors(trained_rcnn, tmp_path):
 
     with pytest.raises(ValueError, match="TARGET='gt'"):
         _load_tool().main(["--config-file", os.path.join(config_dir, RCNN_CONFIG),
-                           "--dataset", VAL_SET, "--target", "gt", "--output", str(output),
-                           *opts])
+                           "--dataset", VAL_SET, "--target", "gt", "--allow-random-weights",
+                           "--output", str(output), *opts])

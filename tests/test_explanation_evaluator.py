@@ -234,6 +234,7 @@ def test_explain_tool_end_to_end(records, tmp_path):
         "--compare-config", os.path.join(REPO_ROOT, "configs", "fpn_baseline.yaml"),
         "--dataset", DATASET, "--class-name", "beach", "--methods", "attention", "gradcam",
         "--levels", "p2", "p3", "--max-images", "3", "--auc-steps", "0", "--vis-per-class", "1",
+        "--allow-random-weights",  # the --compare model has no weights
         "--output", str(output), *opts,
     ])
 
@@ -273,7 +274,7 @@ def test_explain_tool_end_to_end(records, tmp_path):
     with pytest.raises(ValueError, match="--class-name 'desert' is not a class"):
         _load_tool().main(["--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
                            "--dataset", DATASET, "--class-name", "desert",
-                           "--output", str(output), *opts])
+                           "--allow-random-weights", "--output", str(output), *opts])
 
 
 def test_batched_test_loader_gives_the_same_metrics_as_batch_one(records):

@@ -230,7 +230,7 @@ def test_num_classes_must_match_dataset(tiny_cfg):
     ids=["gray-odd", "bgra", "uint16", "float-1ch"],
 )
 def test_predictor_handles_image_layouts(tiny_cfg, image):
-    predictor = FALPredictor(tiny_cfg("fal_p2p3.yaml"))
+    predictor = FALPredictor(tiny_cfg("fal_p2p3.yaml"), allow_random_weights=True)
     output = predictor(image)
     assert output["scores"].shape == (5,)
     for level in ("p2", "p3"):
@@ -239,7 +239,7 @@ def test_predictor_handles_image_layouts(tiny_cfg, image):
 
 
 def test_predictor_rejects_bad_shapes(tiny_cfg):
-    predictor = FALPredictor(tiny_cfg("fal_p2p3.yaml"))
+    predictor = FALPredictor(tiny_cfg("fal_p2p3.yaml"), allow_random_weights=True)
     with pytest.raises(ValueError, match="unsupported image shape"):
         predictor(np.zeros((8, 8, 2), dtype=np.uint8))
 

@@ -4,54 +4,21 @@ import os
 
 import pytest
 
-from detectron2.data import DatasetCatalog
-from detectron2.engine import default_argument_parser
+from fal_d2.checkpoint import file_sha256
 
-from fal_d2.data import register_ucmerced
-
-from conftest import REPO_ROOT, TINY_OVERRIDES, load_script
-
-MINI_ROOT = os.path.join(REPO_ROOT, "tests", "data", "ucmerced_mini")
+from conftest import MINI_ROOT, REPO_ROOT, TINY_OVERRIDES, load_script, mini_train_opts
 
 
 def _load_tool(name):
     return load_script(os.path.join("tools", f"{name}.py"))
 
 
-@pytest.fixture(scope="module")
-def mini_datasets():
-    names = register_ucmerced(MINI_ROOT, prefix="ucmerced_mini", allow_missing=True)
-    yield "ucmerced_mini_train", "ucmerced_mini_test"
-    for name in names:
-        DatasetCatalog.remove(name)
-
-
-def _opts(output_dir, train, test):
-    opts = list(TINY_OVERRIDES)
-    opts[opts.index("MODEL.CLS_HEAD.NUM_CLASSES") + 1] = 21
-    return [str(o) for o in opts] + [
-        "OUTPUT_DIR", str(output_dir),
-        "DATASETS.TRAIN", f"('{train}',)",
-        "DATASETS.TEST", f"('{test}',)",
-        "DATALOADER.NUM_WORKERS", "0",
-        "SOLVER.IMS_PER_BATCH", "8",
-        "SOLVER.BASE_LR", "0.01",
-        "SOLVER.WARMUP_ITERS", "1",
-        "SOLVER.MAX_ITER", "3",
-        "SOLVER.CHECKPOINT_PERIOD", "3",
-        "TEST.EVAL_PERIOD", "3",
-        "TEST.EXPLAIN.ENABLED", "True",
-        "TEST.EXPLAIN.METHODS", "['attention', 'gradcam']",
-        "TEST.EXPLAIN.VIS_PER_CLASS", "1",
-        "TEST.EXPLAIN.AUC_STEPS", "2",
-    ]
-
-
 def test_train_then_eval_only(tmp_path, mini_datasets):
     train_net = _load_tool("train_net")
     train, test = mini_datasets
     config = os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml")
-    args = default_argument_parser().parse_args(["--config-file", config, *_opts(tmp_path, train, test)])
+    args = train_net.get_parser().parse_args(
+        ["--config-file", config, *mini_train_opts(tmp_path, train, test)])
     train_net.main(args)
 
     assert (tmp_path / "model_final.pth").exists()
@@ -68,20 +35,31 @@ def test_train_then_eval_only(tmp_path, mini_datasets):
     report = (tmp_path / "inference" / test / "report.html").read_text()
     assert "Top-1 accuracy" in report and "Average Drop" in report
     assert report.count("data:image/png;base64,") >= 2  # the grids of both methods
+    assert "trained in this run" in report and "from scratch" in report
 
-    eval_args = default_argument_parser().parse_args(
-        ["--config-file", config, "--eval-only", *_opts(tmp_path / "eval", train, test),
-         "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
+    weights = str(tmp_path / "model_final.pth")
+    eval_dir = tmp_path / "eval"
+    eval_args = train_net.get_parser().parse_args(
+        ["--config-file", config, "--eval-only", *mini_train_opts(eval_dir, train, test),
+         "MODEL.WEIGHTS", weights]
     )
     results = train_net.main(eval_args)
     assert results["classification"]["top1"] == pytest.approx(final[-1]["classification/top1"])
+    # --eval-only appends its results to metrics.json, with the weights file and its sha256
+    with open(eval_dir / "metrics.json") as f:
+        (record,) = [json.loads(line) for line in f]
+    assert record["eval_only"] and record["weights"] == weights and record["iteration"] == 2
+    assert record["weights_sha256"] == file_sha256(weights)
+    assert record["classification/top1"] == pytest.approx(results["classification"]["top1"])
+    report = (eval_dir / "inference" / test / "report.html").read_text()
+    assert f"sha256 {file_sha256(weights)}" in report and "trained in this run" not in report
 
 
 def test_num_classes_mismatch_fails_before_training(tmp_path, mini_datasets):
     train_net = _load_tool("train_net")
     config = os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml")
-    opts = _opts(tmp_path, *mini_datasets) + ["MODEL.CLS_HEAD.NUM_CLASSES", "7"]
-    args = default_argument_parser().parse_args(["--config-file", config, *opts])
+    opts = mini_train_opts(tmp_path, *mini_datasets) + ["MODEL.CLS_HEAD.NUM_CLASSES", "7"]
+    args = train_net.get_parser().parse_args(["--config-file", config, *opts])
     with pytest.raises(ValueError, match="MODEL.CLS_HEAD.NUM_CLASSES=7 but dataset 'ucmerced_mini_train' has 21"):
         train_net.main(args)
 
@@ -96,7 +74,7 @@ def test_demo_writes_heatmaps_and_skips_bad_files(tmp_path):
     out = tmp_path / "out"
     status = demo.main(
         ["--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
-         "--input", images, str(bad), "--output", str(out), *opts]
+         "--input", images, str(bad), "--output", str(out), "--allow-random-weights", *opts]
     )
     assert status == 0
     with open(out / "predictions.json") as f:

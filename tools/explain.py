@@ -43,7 +43,6 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.modeling import build_model
@@ -51,7 +50,8 @@ from detectron2.utils.logger import setup_logger
 
 import fal_d2  # noqa: F401  (registers the model parts)
 import fal_d2.data  # noqa: F401  (registers the UC Merced datasets)
-from fal_d2.config import add_fal_config
+from fal_d2.checkpoint import check_weights_given, load_weights
+from fal_d2.config import add_fal_config, merge_config_file
 from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.evaluation.explanation_evaluator import budget_suffix, check_budgets, check_explain_config
@@ -145,6 +145,9 @@ def get_parser():
     parser.add_argument("--compare-config", metavar="FILE",
                         help="a second model, shown side by side")
     parser.add_argument("--compare-weights", help="checkpoint of the second model")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="explain a model without weights (randomly initialised) instead "
+                             "of failing")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config overrides (KEY VALUE ...), applied to both models")
     return parser
@@ -153,7 +156,7 @@ def get_parser():
 def setup_cfg(config_file, weights, args):
     cfg = get_cfg()
     add_fal_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     cfg.merge_from_list(args.opts)
     if weights:
         cfg.MODEL.WEIGHTS = weights
@@ -163,6 +166,8 @@ def setup_cfg(config_file, weights, args):
         if value is not None:
             cfg.TEST.EXPLAIN[key] = value
     check_explain_config(cfg)
+    check_weights_given(cfg.MODEL.WEIGHTS, args.allow_random_weights, weights_label(config_file),
+                        "pass --allow-random-weights")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
@@ -170,16 +175,16 @@ def setup_cfg(config_file, weights, args):
     return cfg
 
 
-def load_model(cfg, config_file):
+def weights_label(config_file):
+    return f"{config_file} (--weights/--compare-weights)"
+
+
+def load_model(cfg, config_file, allow_random_weights=False):
+    """The model with its weights, checked (fal_d2.checkpoint): no weights fails unless
+    --allow-random-weights, a file that does not fit unless MODEL.WEIGHTS_PARTIAL."""
     model = build_model(cfg)
-    weights = cfg.MODEL.WEIGHTS
-    if not weights:
-        logger.warning(f"{config_file}: no weights (--weights or MODEL.WEIGHTS): explaining a "
-                       f"randomly initialised model")
-    elif "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"--weights/MODEL.WEIGHTS: {weights}: no such file")
-    else:
-        DetectionCheckpointer(model).load(weights)
+    load_weights(model, cfg, allow_random_weights=allow_random_weights,
+                 what=weights_label(config_file), opt_in="pass --allow-random-weights")
     return model.eval()
 
 
@@ -318,7 +323,8 @@ def main(argv=None):
         label = os.path.splitext(os.path.basename(config_file))[0]
         if any(label == other for other, _ in models):
             label += "_compare"
-        evaluator = explain_model(cfg, load_model(cfg, config_file), dataset_name, dataset_dicts,
+        model = load_model(cfg, config_file, args.allow_random_weights)
+        evaluator = explain_model(cfg, model, dataset_name, dataset_dicts,
                                   os.path.join(args.output, label), label)
         models.append((label, evaluator))
         rows += [dict(model=label, **row) for row in evaluator.rows

@@ -6,14 +6,20 @@
     python tools/train_net.py --config-file configs/fal_p2p3.yaml --num-gpus 8
 
 This is Detectron2's standard ``train_net.py`` with fal_d2's config keys, data mapper and evaluators.
+It fails early, with one line, on what would otherwise give a wrong answer quietly: a typo in the
+config (naming the YAML file), an unknown level (checked before the first iteration), no weights
+for ``--eval-only`` (unless ``--allow-random-weights``) and weights that do not fit the model
+(unless ``MODEL.WEIGHTS_PARTIAL``). Checkpoints are written atomically and ``--resume`` skips a
+damaged one (:mod:`fal_d2.checkpoint`). ``--eval-only`` appends its results, with the weights
+file and its sha256, to ``OUTPUT_DIR/metrics.json``.
 """
+import json
 import logging
 import os
 
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetMapper,
@@ -23,9 +29,11 @@ from detectron2.data import (
 )
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
+from detectron2.evaluation.testing import flatten_results_dict
 
 import fal_d2  # noqa: F401  (registers models and datasets)
-from fal_d2.config import add_fal_config, check_config_against_datasets
+from fal_d2.checkpoint import FALCheckpointer, check_weights_given, file_sha256
+from fal_d2.config import add_fal_config, check_config_against_datasets, merge_config_file
 from fal_d2.data import (
     ClassificationDatasetMapper,
     build_batched_test_loader,
@@ -34,27 +42,33 @@ from fal_d2.data import (
 from fal_d2.evaluation import ClassificationEvaluator, ExplanationEvaluator
 from fal_d2.evaluation.explanation_evaluator import check_explain_config
 from fal_d2.evaluation.report import write_evaluation_report
-
-CLASSIFICATION_META_ARCHS = {"FALClassifier"}
-
-
-def is_classification(cfg):
-    return cfg.MODEL.META_ARCHITECTURE in CLASSIFICATION_META_ARCHS
+from fal_d2.levels import check_levels
+from fal_d2.task import is_classifier
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the classification mapper and fal_d2's evaluators."""
+    """DefaultTrainer with the classification mapper, fal_d2's evaluators and its checkpointer."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ builds a plain DetectionCheckpointer just before the hooks; swap
+        # in FALCheckpointer here, so that the PeriodicCheckpointer hook saves through it too.
+        plain = self.checkpointer
+        self.checkpointer = FALCheckpointer(
+            plain.model, plain.save_dir, save_to_disk=plain.save_to_disk,
+            partial=self.cfg.MODEL.WEIGHTS_PARTIAL, training=True, **plain.checkpointables,
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_train_loader(cls, cfg):
-        if is_classification(cfg):
+        if is_classifier(cfg):
             return build_classification_train_loader(cfg)
         return build_detection_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         """Detectron2's test loader, but with TEST.IMS_PER_BATCH images per batch."""
-        if is_classification(cfg):
+        if is_classifier(cfg):
             mapper = ClassificationDatasetMapper(cfg, is_train=False)
         else:
             mapper = DatasetMapper(cfg, is_train=False)
@@ -88,8 +102,15 @@ class Trainer(DefaultTrainer):
         return DatasetEvaluators(evaluators)
 
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        """Detectron2's test, with the model handed to the evaluators and an HTML report per dataset."""
+    def test(cls, cfg, model, evaluators=None, weights_note=None):
+        """
+        Detectron2's test, with the model handed to the evaluators and an HTML report per dataset.
+        ``weights_note`` says in the report which weights were evaluated; None: the model being
+        trained in this run.
+        """
+        if weights_note is None:
+            start = f"initialised from {cfg.MODEL.WEIGHTS}" if cfg.MODEL.WEIGHTS else "from scratch"
+            weights_note = f"weights: trained in this run ({cfg.OUTPUT_DIR}, {start})"
         if evaluators is None:
             bare_model = getattr(model, "module", model)  # unwrap DistributedDataParallel
             evaluators = [
@@ -108,22 +129,34 @@ class Trainer(DefaultTrainer):
                     inference_dir=inference_dir,
                     explain_dir=os.path.join(explain_root, dataset_name),
                     notes=f"config: {cfg.MODEL.META_ARCHITECTURE}, "
-                    f"attention levels {list(cfg.MODEL.FAL.ATTENTION_LEVELS)}, "
-                    f"weights: {cfg.MODEL.WEIGHTS or 'trained in this run'}",
+                    f"attention levels {list(cfg.MODEL.FAL.ATTENTION_LEVELS)}, {weights_note}",
                 )
         return results
+
+
+def get_parser():
+    """Detectron2's argument parser, plus --allow-random-weights."""
+    parser = default_argument_parser()
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="let --eval-only run without MODEL.WEIGHTS (a random model)")
+    return parser
 
 
 def setup(args):
     cfg = get_cfg()
     add_fal_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("fal_d2").warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
     check_config_against_datasets(cfg)
     check_explain_config(cfg)
+    check_levels(cfg)
+    resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if args.eval_only and not resumable:
+        check_weights_given(cfg.MODEL.WEIGHTS, getattr(args, "allow_random_weights", False),
+                            "--eval-only", "pass --allow-random-weights")
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -143,18 +176,37 @@ def print_outputs(cfg):
             print(f"  {path}")
 
 
+def write_eval_metrics(cfg, results, weights_file, sha256, iteration):
+    """Append one JSON line to OUTPUT_DIR/metrics.json, as the trainer's writer does: the results
+    flattened ("classification/top1"...), the weights file, its sha256 and its iteration."""
+    record = {"eval_only": True, "weights": weights_file, "weights_sha256": sha256,
+              "iteration": iteration, **flatten_results_dict(results)}
+    with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def evaluate(cfg, args):
+    """--eval-only: load the weights (checked), evaluate, and record which file was evaluated."""
+    model = Trainer.build_model(cfg)
+    checkpointer = FALCheckpointer(model, save_dir=cfg.OUTPUT_DIR,
+                                   partial=cfg.MODEL.WEIGHTS_PARTIAL)
+    extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    weights_file = checkpointer.loaded_file
+    sha256 = file_sha256(weights_file) if weights_file else None
+    note = (f"weights: {weights_file} (sha256 {sha256})" if weights_file
+            else "weights: none, randomly initialised (--allow-random-weights)")
+    results = Trainer.test(cfg, model, weights_note=note)
+    if comm.is_main_process():
+        verify_results(cfg, results)
+        write_eval_metrics(cfg, results, weights_file, sha256, extra.get("iteration"))
+        print_outputs(cfg)
+    return results
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        results = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, results)
-            print_outputs(cfg)
-        return results
+        return evaluate(cfg, args)
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -165,7 +217,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = get_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,

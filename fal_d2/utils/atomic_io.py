@@ -5,29 +5,41 @@ or the complete new one, never a half-written file, even if the writer is killed
 The temp file must live in the same directory because ``os.replace`` is only atomic within one
 filesystem. Paths are local filesystem paths (no iopath/PathManager URLs).
 """
+import contextlib
 import io
 import json
 import os
 import secrets
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_figure"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "atomic_save_figure"]
 
 
-def atomic_write_bytes(path, data):
-    """Replace the file at ``path`` with ``data`` (bytes) atomically; the directory must exist."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file to write ``path`` through: a temp file that replaces ``path`` on a clean exit
+    and is removed on an exception (a full disk). A killed writer leaves at most a hidden temp
+    file, never a partial file under the real name. Streams, so a large file (a checkpoint) is
+    never held in memory. The directory must exist."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp_path = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open with mode 0o666 lets the umask decide permissions, as open() would for the target.
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data does
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)
         raise
+
+
+def atomic_write_bytes(path, data):
+    """Replace the file at ``path`` with ``data`` (bytes) atomically; the directory must exist."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text, encoding="utf-8"):
