@@ -37,8 +37,9 @@ INPUT_SIZE = 96
 RCNN_CONFIG = "COCO-Detection/fal_faster_rcnn_R_50_FPN_p2p3_1x.yaml"
 BASELINE_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_baseline_1x.yaml"
 RETINANET_CONFIG = "COCO-Detection/fal_retinanet_R_50_FPN_p3p4_1x.yaml"
-ROW_KEYS = ["method", "level", "class", "average_drop", "increase_in_confidence", "deletion_auc",
-            "insertion_auc", "num_images"]
+ROW_KEYS = ["method", "level", "class", "average_drop", "increase_in_confidence", "coverage",
+            "deletion_auc", "insertion_auc", "average_drop_top15", "increase_in_confidence_top15",
+            "average_drop_top50", "increase_in_confidence_top50", "num_images"]
 # On top of conftest's TINY_OVERRIDES: a ResNet-18 detector for 96 px images of 3 classes.
 DETECTION_OPTS = tiny_detection_overrides(TRAIN_SET, VAL_SET, INPUT_SIZE) + [
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,  # every image has detections, even untrained

@@ -62,9 +62,11 @@ def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5)
     if tuple(saliency.shape) != image.shape[:2]:
         saliency = F.interpolate(saliency[None, None], size=image.shape[:2], mode="bilinear",
                                  align_corners=False)[0, 0]
-    heatmap = matplotlib.colormaps["jet"](saliency.clamp(0, 1).numpy())[..., :3]
-    blended = alpha * heatmap + (1 - alpha) * image.astype(np.float64) / 255.0
-    return np.clip(np.round(blended * 255.0), 0, 255).astype(np.uint8)
+    # uint8 colours and float32 blending: 7 bytes a pixel, not the 56 of float64 RGBA, so a
+    # large image's overlay stays small
+    heatmap = matplotlib.colormaps["jet"](saliency.clamp(0, 1).numpy(), bytes=True)[..., :3]
+    blended = alpha * heatmap.astype(np.float32) + (1 - alpha) * image.astype(np.float32)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
 def draw_box(
