@@ -80,7 +80,8 @@ def test_eval_only_refuses_to_run_without_weights(tmp_path, mini_datasets):
 
 def test_demo_explain_and_predictor_refuse_to_run_without_weights(tmp_path, mini_datasets):
     image = os.path.join(REPO_ROOT, "tests", "data", "ucmerced_mini", "Images", "beach")
-    with pytest.raises(WeightsError, match="FALPredictor: MODEL.WEIGHTS is empty"):
+    with pytest.raises(WeightsError, match=r"fal_p2p3.yaml: MODEL.WEIGHTS is empty.* pass "
+                                           r"--allow-random-weights"):
         _tool("demo").main(["--config-file", FAL_CONFIG, "--input", image,
                             "--output", str(tmp_path / "demo"), *_demo_opts()])
     with pytest.raises(WeightsError, match=r"fal_p2p3.yaml \(--weights/--compare-weights\): "

@@ -33,6 +33,7 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 
 import fal_d2  # noqa: F401  (registers models and datasets)
+from fal_d2.checkpoint import check_weights_given
 from fal_d2.config import add_fal_config, merge_config_file
 from fal_d2.explain.visualize import overlay_heatmap
 from fal_d2.predictor import FALPredictor, to_bgr_uint8
@@ -133,6 +134,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO)
 
     cfg = setup_cfg(args)
+    check_weights_given(cfg.MODEL.WEIGHTS, args.allow_random_weights, args.config_file,
+                        "pass --allow-random-weights")
     inputs = unique_stems(list_inputs(args.input))
     if not inputs:
         print(f"tools/demo.py: error: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
