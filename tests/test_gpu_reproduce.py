@@ -68,12 +68,12 @@ def test_runs_table_lists_each_method_and_level_of_the_whole_test_split():
             {"method": "attention", "level": "p3", "class": "airplane", "average_drop": 99.9,
              "increase_in_confidence": 0.0},
             {"method": "gradcam", "level": "p2", "class": "all", "average_drop": 80.44,
-             "increase_in_confidence": None}]
+             "increase_in_confidence": None, "coverage": 0.384}]
     run = {"seed": 1, "attention_levels": [], "top1": 67.14, "top5": None, "mean_class_acc": 67.1,
            "train_img_s": None, "wall_s": 557.4, "explanation_rows": rows}
     row = gpu_reproduce.runs_markdown({"fpn_baseline_s1": run}).splitlines()[2]
     assert row == ("| `fpn_baseline_s1` | 1 | – | 67.1 | – | 67.1 | – | 557 | "
-                   "attention p3 86.0 / 4.0; gradcam p2 80.4 / – |")
+                   "attention p3 86.0 / 4.0; gradcam p2 80.4 / – (0.38) |")
 
 
 def test_deadline_refuses_runs_that_would_not_finish():

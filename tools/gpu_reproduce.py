@@ -436,9 +436,10 @@ class Deadline:
 
 def runs_markdown(runs):
     """The runs as a Markdown table for docs/RESULTS.md: accuracy, speed, and AD / IC (%, all
-    test images) of each explanation method and level the run evaluated."""
+    test images, whole maps) with the maps' coverage, of each explanation method and level the
+    run evaluated (the budgeted metrics are in the analysis' explanations.md)."""
     header = ["run", "seed", "attention levels", "top-1 %", "top-5 %", "mean per-class %",
-              "train img/s", "wall s", "AD / IC per method and level"]
+              "train img/s", "wall s", "AD / IC (coverage) per method and level"]
 
     def number(value, digits=1):
         return "–" if value is None else f"{value:.{digits}f}"
@@ -448,6 +449,7 @@ def runs_markdown(runs):
         explanations = "; ".join(
             f"{row['method']} {row['level']} {number(row['average_drop'])} / "
             f"{number(row['increase_in_confidence'])}"
+            + ("" if row.get("coverage") is None else f" ({row['coverage']:.2f})")
             for row in run["explanation_rows"] if row["class"] == "all")
         cells = [f"`{name}`", str(run["seed"]), ", ".join(run["attention_levels"]) or "–",
                  number(run["top1"]), number(run["top5"]), number(run["mean_class_acc"]),
