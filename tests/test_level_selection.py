@@ -15,8 +15,8 @@ from fal_d2.evaluation.level_selection import (
     load_explanation_rows,
     rank_levels,
     select_weakest_levels,
-    table_budgets,
 )
+from fal_d2.evaluation.budgets import table_budgets
 
 from conftest import load_script
 

@@ -54,7 +54,8 @@ from fal_d2.checkpoint import check_weights_given, load_weights
 from fal_d2.config import add_fal_config, merge_config_file
 from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
 from fal_d2.evaluation import ExplanationEvaluator
-from fal_d2.evaluation.explanation_evaluator import budget_suffix, check_budgets, check_explain_config
+from fal_d2.evaluation.budgets import budget_suffix, check_budgets
+from fal_d2.evaluation.explanation_evaluator import check_explain_config
 from fal_d2.explain import SALIENCY_METHODS
 from fal_d2.explain.faithfulness import MASK_CONVENTIONS
 from fal_d2.explain.metrics import win_rate

@@ -47,6 +47,7 @@ TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TOOLS_DIR)
 sys.path.insert(0, REPO_ROOT)
 
+from fal_d2.evaluation.budgets import budget_suffix  # noqa: E402
 from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # (config, seed) of each run, in the order they are made: the pairs the comparison needs first.
@@ -365,7 +366,7 @@ def comparison_markdown(records):
     budgets = records[0]["budgets"] if records else []
     columns = []
     for percent in budgets:
-        suffix = f"_top{percent:g}"
+        suffix = budget_suffix(percent)
         columns += [(f"average_drop{suffix}", f"AD {percent:g} %"),
                     (f"increase_in_confidence{suffix}", f"IC {percent:g} %"),
                     (f"win{suffix}", f"Win {percent:g} %")]

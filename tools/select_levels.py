@@ -27,13 +27,13 @@ from tabulate import tabulate
 from detectron2.config import get_cfg
 
 from fal_d2.config import add_fal_config
+from fal_d2.evaluation.budgets import table_budgets
 from fal_d2.evaluation.level_selection import (
     DEFAULT_COUNT,
     LevelSelectionError,
     load_explanation_rows,
     rank_levels,
     select_weakest_levels,
-    table_budgets,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -34,6 +34,7 @@ from fal_d2.explain.visualize import (
     sample_overlay,
     save_grid_figure,
 )
+from fal_d2.evaluation.budgets import budget_metrics, budget_suffix, check_budgets
 from fal_d2.evaluation.labels import checked_label
 from fal_d2.utils.atomic_io import atomic_write_bytes, atomic_write_json
 
@@ -43,27 +44,6 @@ __all__ = ["ExplanationEvaluator"]
 # budgeted metrics (``budget_metrics``) follow these.
 _METRICS = ("average_drop", "increase_in_confidence", "coverage", "deletion_auc", "insertion_auc")
 TARGETS = ("pred", "gt")
-
-
-def budget_suffix(percent: float) -> str:
-    """Row-key suffix of a budget: "_top15" for the top 15 % of pixels."""
-    return f"_top{percent:g}"
-
-
-def budget_metrics(budgets: Sequence[float]) -> List[str]:
-    """Row keys of the budgeted metrics, budget by budget."""
-    return [f"{metric}{budget_suffix(percent)}" for percent in budgets
-            for metric in ("average_drop", "increase_in_confidence")]
-
-
-def check_budgets(budgets: Sequence[float]) -> List[float]:
-    """The budgets below 100 % in increasing order (100 % is the whole map: the plain columns)."""
-    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, float))
-           or not 0 < b <= 100]
-    if bad:
-        raise ValueError(f"TEST.EXPLAIN.BUDGETS: {bad} outside (0, 100]; budgets are percentages "
-                         f"of each map's most salient pixels, e.g. [15, 50]")
-    return sorted({float(b) for b in budgets if b < 100})
 
 
 def check_explain_config(cfg) -> None:

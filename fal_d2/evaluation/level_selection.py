@@ -20,11 +20,12 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
+
+from .budgets import budget_suffix, table_budgets
 
 __all__ = [
     "DEFAULT_COUNT",
-    "table_budgets",
     "LevelSelectionError",
     "LevelScore",
     "load_explanation_rows",
@@ -82,18 +83,6 @@ def _pyramid_order(level: str) -> int:
     return int(level[1:])
 
 
-def table_budgets(rows: Sequence[dict]) -> List[float]:
-    """The budgets (percent of top pixels) that the table's rows have AD and IC columns for."""
-    pattern = re.compile(r"increase_in_confidence_top([0-9.]+)")
-    return sorted({float(m.group(1)) for row in rows for key in row
-                   if (m := pattern.fullmatch(key))})
-
-
-def _metric_keys(budget: Optional[float]) -> Tuple[str, str]:
-    suffix = "" if budget is None or budget == 100 else f"_top{budget:g}"
-    return f"increase_in_confidence{suffix}", f"average_drop{suffix}"
-
-
 def rank_levels(
     rows: Sequence[dict], method: str = "gradcam", class_name: str = "all",
     budget: Optional[float] = None,
@@ -102,7 +91,8 @@ def rank_levels(
     All levels of ``method`` and ``class_name``, weakest explanation first (see module doc), by
     AD and IC of the whole map (``budget`` None or 100) or of its top ``budget`` % of pixels.
     """
-    increase_key, drop_key = _metric_keys(budget)
+    suffix = "" if budget is None else budget_suffix(budget)
+    increase_key, drop_key = f"increase_in_confidence{suffix}", f"average_drop{suffix}"
     if budget not in (None, 100) and budget not in table_budgets(rows):
         raise LevelSelectionError(
             f"the table has no AD/IC at the top {budget:g} % of pixels (budgets it has: "

@@ -17,6 +17,7 @@ import os
 import re
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
+from fal_d2.evaluation.budgets import budget_suffix, table_budgets
 from fal_d2.utils.atomic_io import atomic_write_text
 
 __all__ = ["render_html_report", "write_evaluation_report", "write_html_report"]
@@ -38,7 +39,7 @@ EXPLANATION_METRICS = [
     ("deletion_auc", "Deletion AUC ↓", "Del ↓", False),
     ("insertion_auc", "Insertion AUC ↑", "Ins ↑", True),
 ]
-BUDGET_KEY = re.compile(r"(average_drop|increase_in_confidence)_top([0-9.]+)")
+
 ACCURACY_TITLES = {
     "top1": "Top-1 accuracy %",
     "top5": "Top-5 accuracy %",
@@ -209,14 +210,13 @@ def explanation_metrics(rows: Sequence[dict]) -> list:
     The columns for ``rows``: AD and IC at each budget found in them (top k % of each map's
     pixels, smallest k first: the coverage-fair headline), then the whole-map metrics.
     """
-    budgets = sorted({float(m.group(2)) for row in rows for key in row
-                      if (m := BUDGET_KEY.fullmatch(key))})
     columns = []
-    for percent in budgets:
+    for percent in table_budgets(rows):
+        suffix = budget_suffix(percent)
         columns += [
-            (f"average_drop_top{percent:g}", f"Average Drop % ↓ (top {percent:g} %)",
+            (f"average_drop{suffix}", f"Average Drop % ↓ (top {percent:g} %)",
              f"AD{percent:g} ↓", False),
-            (f"increase_in_confidence_top{percent:g}",
+            (f"increase_in_confidence{suffix}",
              f"Increase in Confidence % ↑ (top {percent:g} %)", f"IC{percent:g} ↑", True),
         ]
     return columns + EXPLANATION_METRICS

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from fal_d2.modeling.map_resize import level_maps_to_images, min_max_per_image
+from fal_d2.modeling.map_resize import level_maps_to_images
 
 __all__ = [
     "normalize_saliency",
@@ -56,7 +56,7 @@ def normalize_saliency(
     size = tuple(size)
     padded_size = tuple(padded_size or size)
     sizes = [size] * len(saliency)
-    return min_max_per_image(torch.stack(level_maps_to_images(saliency, padded_size, sizes, sizes)))
+    return torch.stack(level_maps_to_images(saliency, padded_size, sizes, sizes, min_max=True))
 
 
 def explanation_images(

@@ -11,7 +11,7 @@ from detectron2.structures import ImageList
 
 from .cls_head import build_cls_head
 from .faithful_map_loss import FaithfulMapLoss
-from .map_resize import level_maps_to_images, min_max_per_image
+from .map_resize import level_maps_to_images
 
 
 @META_ARCH_REGISTRY.register()
@@ -106,8 +106,8 @@ class FALClassifier(nn.Module):
             for level, out in attention.items()
         }
         class_maps = {
-            level: [min_max_per_image(m[None])[0] for m in level_maps_to_images(
-                out.class_map(pred), padded_size, images.image_sizes, output_sizes)]
+            level: level_maps_to_images(out.class_map(pred), padded_size, images.image_sizes,
+                                        output_sizes, min_max=True)
             for level, out in attention.items()
         }
         branch_scores = {level: out.logits.float().softmax(dim=1) for level, out in attention.items()}

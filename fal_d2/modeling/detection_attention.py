@@ -14,7 +14,7 @@ from detectron2.config import configurable
 from detectron2.structures import ImageList, Instances
 
 from .attention_branch import AttentionOutput
-from .map_resize import level_maps_to_images, min_max_per_image
+from .map_resize import level_maps_to_images
 
 __all__ = [
     "FALDetectorMixin",
@@ -89,20 +89,21 @@ def add_attention_maps(
         (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
         for inputs, image_size in zip(batched_inputs, images.image_sizes)
     ]
-    def to_images(level_maps):
-        return level_maps_to_images(level_maps, padded_size, images.image_sizes, output_sizes)
+    def to_images(level_maps, min_max=False):
+        return level_maps_to_images(level_maps, padded_size, images.image_sizes, output_sizes,
+                                    min_max)
 
     # Detectron2 sorts each image's instances by score: the first one is the top detection.
     top_classes = torch.tensor(
         [int(r["instances"].pred_classes[0]) if len(r["instances"]) else -1 for r in results]
     )
     resized = {level: to_images(output.attention[:, 0]) for level, output in attention.items()}
-    class_maps = {level: to_images(output.class_map(top_classes))
+    class_maps = {level: to_images(output.class_map(top_classes), min_max=True)
                   for level, output in attention.items()}
     for i, result in enumerate(results):
         result["attention"] = {level: maps[i] for level, maps in resized.items()}
         result["class_map"] = {} if top_classes[i] < 0 else {
-            level: min_max_per_image(maps[i][None])[0] for level, maps in class_maps.items()
+            level: maps[i] for level, maps in class_maps.items()
         }
     return results
 

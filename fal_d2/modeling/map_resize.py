@@ -15,13 +15,15 @@ def level_maps_to_images(
     padded_size: Tuple[int, int],
     image_sizes: Sequence[Tuple[int, int]],
     output_sizes: Sequence[Tuple[int, int]],
+    min_max: bool = False,
 ) -> List[torch.Tensor]:
     """Resize (N, h, w) maps computed on a padded batch to each image's original (height, width).
 
     A level's map covers the whole padded batch tensor, so it is first upsampled to the padded
     size, cropped to the image's own (resized) extent, then resized to the original image size.
     Images that share both sizes are resized together: per-image calls made inference of a
-    batch of 128 launch hundreds of tiny kernels per level.
+    batch of 128 launch hundreds of tiny kernels per level. With ``min_max``, each resized map is
+    then scaled to [0, 1] (:func:`min_max_per_image`), also group by group.
     """
     full = F.interpolate(level_maps[:, None].float(), size=padded_size, mode="bilinear",
                          align_corners=False)
@@ -32,6 +34,8 @@ def level_maps_to_images(
     for (image_size, output_size), indices in groups.items():
         cropped = full[indices, :, : image_size[0], : image_size[1]]
         maps = F.interpolate(cropped, size=output_size, mode="bilinear", align_corners=False)
+        if min_max:
+            maps = min_max_per_image(maps)
         for i, resized_map in zip(indices, maps[:, 0]):
             resized[i] = resized_map
     return resized
