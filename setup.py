@@ -18,6 +18,7 @@ setup(
         "hydra-core>=1.1",
         "yacs>=0.1.8",
         "numpy",
+        "opencv-python-headless",
         "Pillow>=7.1",
         "matplotlib",
         "tabulate",
