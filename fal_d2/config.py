@@ -39,12 +39,26 @@ def add_fal_config(cfg):
     cfg.MODEL.CLS_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]  # backbone outputs the head pools and fuses
     cfg.MODEL.CLS_HEAD.NUM_CLASSES = 21  # K; must equal the number of classes of the training dataset
     cfg.MODEL.CLS_HEAD.DROPOUT = 0.0  # dropout before the final linear layer
+    cfg.MODEL.CLS_HEAD.LABEL_SMOOTHING = 0.0  # epsilon of label smoothing for L_per and every L_att, in [0, 1)
+
+    # An exponential moving average of the weights (FALClassifier training), evaluated instead of
+    # the trained weights: from scratch on 1680 images the last iterates are noisy. See fal_d2/weight_ema.py.
+    cfg.MODEL.EMA = CN()
+    cfg.MODEL.EMA.ENABLED = False  # keep the EMA, evaluate it, and write it as model_final.pth
+    cfg.MODEL.EMA.DECAY = 0.999  # per-iteration decay, in (0, 1); ramped up as (1 + t) / (10 + t) early on
 
     cfg.INPUT.CLS = CN()
     cfg.INPUT.CLS.SIZE = 256  # train and test images are resized to SIZE x SIZE
     cfg.INPUT.CLS.RANDOM_FLIP = True  # random horizontal and vertical flips (aerial scenes have no "up")
     cfg.INPUT.CLS.RANDOM_ROTATE90 = True  # random rotation by a multiple of 90 degrees
     cfg.INPUT.CLS.COLOR_JITTER = 0.0  # max relative change of brightness, contrast and saturation; 0 = off
+    cfg.INPUT.CLS.CROP_SCALE = [1.0, 1.0]  # random resized crop: [min, max] fraction of the area kept, in (0, 1]; [1, 1] = off
+    cfg.INPUT.CLS.CROP_RATIO = [0.75, 1.3333]  # [min, max] aspect ratio (w / h) of the random crop
+    # Batch mixing (FALClassifier training): images and their one-hot labels are mixed in the model,
+    # so L_per and every L_att take the same mixed targets. See fal_d2/modeling/batch_mixing.py.
+    cfg.INPUT.CLS.MIXUP_ALPHA = 0.0  # mixup (Zhang et al., 2018): lambda ~ Beta(alpha, alpha); 0 = off
+    cfg.INPUT.CLS.CUTMIX_ALPHA = 0.0  # CutMix (Yun et al., 2019): box area ~ Beta(alpha, alpha); 0 = off
+    cfg.INPUT.CLS.MIX_PROB = 1.0  # probability that a batch is mixed; with both on, each is picked half the time
 
     cfg.DATALOADER.CACHE_IMAGES = True  # keep decoded images in memory: the set is small, decoding is not
 
@@ -94,3 +108,15 @@ def merge_config_file(cfg, path):
     except (KeyError, ValueError, AssertionError, yaml.YAMLError) as error:
         message = str(error.args[0] if error.args else error).splitlines()[0]
         raise ValueError(f"{path}: {message}") from None
+
+
+def check_training_recipe(cfg):
+    """Fail at setup, with one line naming the key, on a recipe value out of range: a mixing or
+    smoothing value, a crop range with min > max, an EMA decay outside (0, 1)."""
+    from fal_d2.data.random_resized_crop import check_crop_config
+    from fal_d2.modeling.batch_mixing import check_batch_mixing
+    from fal_d2.weight_ema import check_ema_config
+
+    check_batch_mixing(cfg)
+    check_crop_config(cfg)
+    check_ema_config(cfg)

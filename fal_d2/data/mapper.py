@@ -9,6 +9,8 @@ from detectron2.config import configurable
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import check_image_size, read_image
 
+from .random_resized_crop import RandomResizedCrop, check_crop_config
+
 __all__ = ["ClassificationDatasetMapper", "RandomRotate90", "Rot90Transform"]
 
 _CHANNEL_ORDERS = ("RGB", "BGR")
@@ -78,7 +80,8 @@ class ClassificationDatasetMapper:
     Detectron2 meta-architectures use to rescale outputs.
 
     Every image is first resized to SIZE x SIZE (deterministic), then, in training, randomly
-    flipped, rotated by multiples of 90 degrees and colour jittered as configured.
+    cropped and resized back (INPUT.CLS.CROP_SCALE), flipped, rotated by multiples of 90 degrees
+    and colour jittered as configured.
 
     With ``cache_images``, the resized image is kept in memory keyed by file name, so each image
     is decoded once: at most 2100 x 256 x 256 x 3 bytes (about 400 MB) for UC Merced at SIZE 256.
@@ -109,6 +112,10 @@ class ClassificationDatasetMapper:
     def from_config(cls, cfg, is_train=True):
         augmentations = []
         if is_train:
+            check_crop_config(cfg)
+            if tuple(cfg.INPUT.CLS.CROP_SCALE) != (1.0, 1.0):
+                augmentations.append(RandomResizedCrop(tuple(cfg.INPUT.CLS.CROP_SCALE),
+                                                       tuple(cfg.INPUT.CLS.CROP_RATIO)))
             if cfg.INPUT.CLS.RANDOM_FLIP:
                 augmentations.append(T.RandomFlip(horizontal=True, vertical=False))
                 augmentations.append(T.RandomFlip(horizontal=False, vertical=True))

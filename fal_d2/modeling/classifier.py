@@ -9,6 +9,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
+from .batch_mixing import BatchMixer
 from .cls_head import build_cls_head
 from .faithful_map_loss import FaithfulMapLoss
 from .map_resize import level_maps_to_images
@@ -18,7 +19,8 @@ from .map_resize import level_maps_to_images
 class FALClassifier(nn.Module):
     """Backbone -> perception head -> class logits, plus ABN losses for every attention branch.
 
-    Training returns ``{"loss_cls", "loss_att_<level>"...}``: L = L_per + sum lambda * L_att.
+    Training returns ``{"loss_cls", "loss_att_<level>"...}``: L = L_per + sum lambda * L_att, all
+    against the same targets (label smoothing, mixup and CutMix by ``batch_mixer``).
     Inference returns one dict per image with ``scores`` (softmax over K), ``pred_class`` (int),
     ``class_map`` ({level: the branch's class-logit map of the predicted class, min-max scaled to
     [0, 1], at the original image size}: the explanation), ``attention`` ({level: the attention
@@ -28,18 +30,22 @@ class FALClassifier(nn.Module):
 
     @configurable
     def __init__(self, *, backbone, head, pixel_mean, pixel_std, input_format, att_loss_weight=1.0,
-                 channels_last=False, faithful_map_loss: Optional[FaithfulMapLoss] = None):
+                 channels_last=False, faithful_map_loss: Optional[FaithfulMapLoss] = None,
+                 batch_mixer: Optional[BatchMixer] = None):
         """
         Args:
             channels_last (bool): keep weights and images in NHWC memory format. Under AMP on a
                 tensor-core GPU, NCHW convolutions pay for layout transposes around every call.
             faithful_map_loss: the optional objective that trains the branches' class maps to
                 keep and remove the evidence (MODEL.FAL.FAITHFUL_MAP); adds ``loss_map_*``.
+            batch_mixer: turns a training batch's labels into target probabilities, mixing the
+                images (mixup, CutMix) and smoothing the labels as configured; None: hard labels.
         """
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.faithful_map_loss = faithful_map_loss
+        self.batch_mixer = batch_mixer
         self.input_format = input_format
         self.att_loss_weight = att_loss_weight
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -59,6 +65,7 @@ class FALClassifier(nn.Module):
             "att_loss_weight": cfg.MODEL.FAL.ATT_LOSS_WEIGHT,
             "channels_last": cfg.MODEL.CHANNELS_LAST,
             "faithful_map_loss": FaithfulMapLoss(cfg) if cfg.MODEL.FAL.FAITHFUL_MAP.ENABLED else None,
+            "batch_mixer": BatchMixer(cfg),
         }
 
     @property
@@ -75,20 +82,27 @@ class FALClassifier(nn.Module):
 
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        logits = self.head(features)
-        attention = getattr(self.backbone, "last_attention", {})
-        if self.training:
-            labels = torch.as_tensor([x["label"] for x in batched_inputs], device=self.device)
-            losses = {"loss_cls": F.cross_entropy(logits, labels)}
-            for level, output in attention.items():
-                losses[f"loss_att_{level}"] = self.att_loss_weight * F.cross_entropy(
-                    output.logits, labels
-                )
-            if self.faithful_map_loss is not None:
-                losses.update(self.faithful_map_loss(self, images.tensor, labels, attention))
-            return losses
-        return self.postprocess(logits, attention, batched_inputs, images)
+        if not self.training:
+            logits, attention = self.classify(images.tensor)
+            return self.postprocess(logits, attention, batched_inputs, images)
+        labels = torch.as_tensor([x["label"] for x in batched_inputs], device=self.device)
+        pixels, targets = images.tensor, labels
+        if self.batch_mixer is not None:
+            pixels, targets = self.batch_mixer(pixels, labels)
+        logits, attention = self.classify(pixels)
+        losses = {"loss_cls": F.cross_entropy(logits, targets)}
+        for level, output in attention.items():
+            losses[f"loss_att_{level}"] = self.att_loss_weight * F.cross_entropy(
+                output.logits, targets
+            )
+        if self.faithful_map_loss is not None:
+            losses.update(self.faithful_map_loss(self, images.tensor, labels, attention))
+        return losses
+
+    def classify(self, pixels: torch.Tensor):
+        """(N, K) logits and {level: AttentionOutput} for a normalised batch."""
+        logits = self.head(self.backbone(pixels))
+        return logits, getattr(self.backbone, "last_attention", {})
 
     @staticmethod
     def postprocess(logits, attention, batched_inputs, images: ImageList) -> List[Dict]:
