@@ -9,7 +9,18 @@ smallest patches that make v0.6 import and run on today's libraries:
   that raises :class:`CompiledOpsUnavailableError` naming the op when a compiled-only op is used;
 * Pillow >= 10 removed ``Image.LINEAR`` (an alias of ``Image.BILINEAR``);
 * ``detectron2.model_zoo`` used ``pkg_resources``, which new setuptools no longer ships;
-* NumPy >= 1.24 removed the ``np.bool``/``np.int``/``np.float`` aliases.
+* NumPy >= 1.24 removed the ``np.bool``/``np.int``/``np.float`` aliases;
+* ``detectron2.export`` imported caffe2 (no longer in PyTorch) at module level, which broke
+  ``TracingAdapter``, torchscript export and ``detectron2.utils.analysis``: caffe2 is optional;
+* ``MapDataset``'s retry, when a mapper returns None, called ``random.sample`` on a set, which
+  Python 3.11 rejects;
+* the ``LRScheduler`` hook saved and restored only ``_LRScheduler`` subclasses, so on torch 2.x
+  ``--resume`` restarted a ``torch.optim`` schedule such as ``StepLR``;
+* ``launch()`` required CUDA and NCCL, and ``create_ddp_model`` passed ``device_ids`` for a model
+  on the CPU: several processes now train on the CPU with gloo.
+
+Where upstream Detectron2 later fixed a defect, the patch does what upstream did (commit cited
+beside it).
 
 Each patch asserts that its original text is present, so a different sdist fails loudly instead
 of producing a half-patched tree. Nothing is patched at import time: the result behaves the same
@@ -118,6 +129,55 @@ PATCHES = [
     ("evaluation/pascal_voc_evaluation.py", ".astype(np.bool)\n", ".astype(bool)\n"),
     ("evaluation/sem_seg_evaluation.py", "dtype=np.int)", "dtype=int)"),
     ("evaluation/sem_seg_evaluation.py", "np.float)", "float)"),
+    # caffe2 is optional, as upstream made it (48b598b4, "Add support for ONNX-only"): the
+    # caffe2 API loads only when caffe2 imports; TracingAdapter and torchscript always do.
+    (
+        "export/__init__.py",
+        "from .api import *\nfrom .flatten import TracingAdapter\n"
+        "from .torchscript import scripting_with_instances, dump_torchscript_IR\n",
+        "from .flatten import TracingAdapter\n"
+        "from .torchscript import scripting_with_instances, dump_torchscript_IR\n\n"
+        "try:\n"
+        "    from caffe2.proto import caffe2_pb2 as _caffe2_pb2  # noqa: F401\n"
+        "except ImportError:\n"
+        "    pass  # caffe2 is optional: current PyTorch no longer ships it\n"
+        "else:\n"
+        "    from .api import *\n",
+    ),
+    # Python 3.11's random.sample takes a sequence, not a set (upstream 400a49c1).
+    (
+        "data/common.py",
+        "self._rng.sample(self._fallback_candidates, k=1)",
+        "self._rng.sample(list(self._fallback_candidates), k=1)",
+    ),
+    # torch 2.x schedulers (StepLR...) derive from LRScheduler, not _LRScheduler (upstream
+    # 21080971 checks LRScheduler; detectron2's own LRMultiplier derives from both).
+    (
+        "engine/hooks.py",
+        "isinstance(self.scheduler, torch.optim.lr_scheduler._LRScheduler)",
+        "isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler)",
+    ),
+    # launch() on a machine without CUDA: gloo, no CUDA device (upstream b4b6cc9c).
+    (
+        "engine/launch.py",
+        '    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."\n',
+        "    has_gpu = torch.cuda.is_available()\n",
+    ),
+    ("engine/launch.py", 'backend="NCCL",', 'backend="NCCL" if has_gpu else "GLOO",'),
+    (
+        "engine/launch.py",
+        "    assert num_gpus_per_machine <= torch.cuda.device_count()\n"
+        "    torch.cuda.set_device(local_rank)\n",
+        "    if has_gpu:\n"
+        "        assert num_gpus_per_machine <= torch.cuda.device_count()\n"
+        "        torch.cuda.set_device(local_rank)\n",
+    ),
+    # DistributedDataParallel rejects device_ids for a module on the CPU (not fixed upstream).
+    (
+        "engine/defaults.py",
+        '    if "device_ids" not in kwargs:\n',
+        '    if "device_ids" not in kwargs and any(p.is_cuda for p in model.parameters()):\n',
+    ),
 ]
 
 
