@@ -1,5 +1,11 @@
 """A DefaultPredictor that loads its weights checked, accepts any common image layout in a
-documented range and resizes like the test mapper."""
+documented range and resizes like the test mapper.
+
+Like Detectron2's ``DefaultPredictor``, it takes images in OpenCV's channel order: pass
+``cv2.imread(path)`` as it is, and an RGB array (PIL, matplotlib) as ``rgb[:, :, ::-1]``. The
+predictor turns BGR into the model's ``INPUT.FORMAT`` (RGB for our configs, as the dataset mapper
+reads training images); an RGB array given unflipped is silently read with red and blue swapped.
+"""
 import numpy as np
 import torch
 
@@ -26,13 +32,16 @@ def _float_to_uint8(image: np.ndarray) -> np.ndarray:
 
 def to_bgr_uint8(image) -> np.ndarray:
     """
-    Convert an image to the HxWx3 uint8 BGR that DefaultPredictor takes.
+    Convert an image to the HxWx3 uint8 BGR that DefaultPredictor takes: what ``cv2.imread(p)``
+    returns passes through unchanged.
 
-    Layouts: HxW or HxWx1 (grayscale), HxWx3 (BGR), HxWx4 (BGRA; alpha dropped). Types: uint8;
-    uint16 (divided by 257); float in [0, 1] (times 255) or, when its maximum is above 1, in
-    [0, 255] (e.g. ``cv2.imread(p).astype(np.float32)``). Float values outside [0, 255], NaN
-    and inf fail; so do None (what ``cv2.imread`` returns for an unreadable file) and an empty
-    array.
+    Layouts, as the ``cv2.imread`` flags give them: HxWx3 BGR (``IMREAD_COLOR``, the default),
+    HxW or HxWx1 grayscale (``IMREAD_GRAYSCALE``; repeated to three channels), HxWx4 BGRA
+    (``IMREAD_UNCHANGED`` on a PNG with alpha; alpha dropped). Types: uint8; uint16 (16-bit files
+    read with ``IMREAD_UNCHANGED`` or ``IMREAD_ANYDEPTH``; divided by 257); float in [0, 1] (times
+    255) or, when its maximum is above 1, in [0, 255] (e.g. ``cv2.imread(p).astype(np.float32)``).
+    Float values outside [0, 255], NaN and inf fail with one line; so do None (what
+    ``cv2.imread`` returns for an unreadable file), an empty array and other dtypes or shapes.
     """
     if image is None:
         raise ValueError("no image was given (got None; cv2.imread returns None for a file it "
@@ -56,13 +65,15 @@ def to_bgr_uint8(image) -> np.ndarray:
 
 
 class FALPredictor(DefaultPredictor):
-    """``DefaultPredictor`` for FAL classifiers.
+    """``DefaultPredictor`` for FAL classifiers: ``FALPredictor(cfg)(cv2.imread(path))``.
 
-    Detectron2's predictor resizes by the shortest edge; a classifier is trained on exact
-    ``INPUT.CLS.SIZE`` squares, so this one resizes the same way. It also accepts grayscale, BGRA,
-    16-bit and float images (see :func:`to_bgr_uint8`). Returns the model's dict: ``scores``,
-    ``pred_class``, ``class_map`` (per level, the branch's class map of the predicted class: the
-    explanation), ``attention``...
+    Its input is BGR, (H, W, 3) uint8, as ``cv2.imread`` returns it and as ``DefaultPredictor``
+    takes it; both convert to ``INPUT.FORMAT`` themselves. Detectron2's predictor resizes by the
+    shortest edge; a classifier is trained on exact ``INPUT.CLS.SIZE`` squares, so this one resizes
+    the same way (the two agree on square images, since our configs set ``INPUT.MIN_SIZE_TEST`` to
+    that size). It also accepts grayscale, BGRA, 16-bit and float images (see
+    :func:`to_bgr_uint8`). Returns the model's dict: ``scores``, ``pred_class``, ``class_map``
+    (per level, the branch's class map of the predicted class: the explanation), ``attention``...
 
     It refuses an empty ``MODEL.WEIGHTS`` (a random model still answers, with confidence) unless
     ``allow_random_weights``, and a checkpoint that does not fit the model unless
@@ -88,7 +99,8 @@ class FALPredictor(DefaultPredictor):
     def __call__(self, original_image, output_size=None):
         """
         Args:
-            original_image: an image in any layout :func:`to_bgr_uint8` accepts.
+            original_image: (H, W, 3) uint8 BGR, e.g. ``cv2.imread(path)``, or another layout
+                :func:`to_bgr_uint8` accepts (grayscale, BGRA, uint16, float).
             output_size: (height, width) of the returned maps; default: the image's. A smaller
                 size bounds the memory the full-size maps of a large image would take.
         """

@@ -1,13 +1,14 @@
 """Heatmap overlays and image grids of explanations, as in the paper's figures.
 
-Figures are drawn on a bare Agg canvas (not pyplot), so that no global backend or figure registry
-is touched, and saved atomically. A detector's explained detection is drawn on the input and on
-every heatmap of its image (PIL), with its class and score.
+Heatmaps are OpenCV colour maps, blended as pytorch-grad-cam blends them. Figures are drawn on a
+bare Agg canvas (not pyplot), so that no global backend or figure registry is touched, and saved
+atomically. A detector's explained detection is drawn on the input and on every heatmap of its
+image (PIL), with its class and score.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import matplotlib
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,11 +48,19 @@ class ExplanationSample:
     box_caption: str = ""
 
 
-def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5) -> np.ndarray:
+def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5,
+                    colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
     """
-    Blend a "jet" heatmap of ``saliency01`` (values in [0, 1], resized bilinearly to the image if
-    needed) over the image: alpha * heatmap + (1 - alpha) * image, the convention of OpenCV's
-    addWeighted and pytorch-grad-cam. Returns an (H, W, 3) uint8 RGB image.
+    Blend an OpenCV colour map of ``saliency01`` (values in [0, 1], resized bilinearly to the
+    image if needed) over the image: alpha * heatmap + (1 - alpha) * image. Returns an (H, W, 3)
+    uint8 RGB image.
+
+    This is how pytorch-grad-cam's ``show_cam_on_image(img, mask, use_rgb=True,
+    image_weight=1 - alpha)`` draws, so that our maps and Grad-CAM's look alike: the saliency is
+    quantised as ``uint8(255 * s)``, coloured by ``cv2.applyColorMap`` (BGR, turned to RGB) and
+    blended. It then divides by the blend's maximum; we do not, so that the tiles of a grid and
+    the frames of a video keep the image's own brightness instead of each being stretched by its
+    brightest pixel.
     """
     image = np.asarray(image_rgb_uint8)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -62,11 +71,12 @@ def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5)
     if tuple(saliency.shape) != image.shape[:2]:
         saliency = F.interpolate(saliency[None, None], size=image.shape[:2], mode="bilinear",
                                  align_corners=False)[0, 0]
-    # uint8 colours and float32 blending: 7 bytes a pixel, not the 56 of float64 RGBA, so a
-    # large image's overlay stays small
-    heatmap = matplotlib.colormaps["jet"](saliency.clamp(0, 1).numpy(), bytes=True)[..., :3]
-    blended = alpha * heatmap.astype(np.float32) + (1 - alpha) * image.astype(np.float32)
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    # uint8 colours and a uint8 blend (addWeighted rounds and saturates), so a large image's
+    # overlay stays small
+    levels = (saliency.clamp(0, 1) * 255).to(torch.uint8).numpy()  # truncates, as grad-cam does
+    heatmap = cv2.applyColorMap(levels, colormap)
+    cv2.cvtColor(heatmap, cv2.COLOR_BGR2RGB, dst=heatmap)
+    return cv2.addWeighted(heatmap, alpha, np.ascontiguousarray(image), 1 - alpha, 0.0)
 
 
 def draw_box(
