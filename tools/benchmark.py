@@ -20,11 +20,11 @@ import platform
 import time
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from tabulate import tabulate
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.utils.analysis import FlopCountAnalysis
 
 import fal_d2  # noqa: F401  (registers models)
 from fal_d2.config import add_fal_config
@@ -73,25 +73,13 @@ def images_per_second(step, batch_size, iters, warmup, device):
     return batch_size * iters / (time.perf_counter() - start)
 
 
-class _ScoresOnly(torch.nn.Module):
-    """Tensor in, tensor out: what fvcore's tracer needs. (Detectron2 v0.6's own FlopCountAnalysis
-    wrapper imports caffe2, which current PyTorch no longer ships.)"""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        inputs = [{"image": image} for image in images]
-        return torch.stack([output["scores"] for output in self.model(inputs)])
-
-
 def count_flops(model, cfg, device):
-    """GFLOPs of one image's inference, as fvcore counts them (one fused multiply-add = one flop)."""
+    """GFLOPs of one image's inference, as fvcore counts them (one fused multiply-add = one flop).
+    Detectron2's FlopCountAnalysis traces the model on its usual list-of-dicts input."""
     model.eval()
-    image = synthetic_batch(cfg, 1, device)[0]["image"][None]
+    inputs = [{"image": synthetic_batch(cfg, 1, device)[0]["image"]}]
     with torch.no_grad():
-        analysis = FlopCountAnalysis(_ScoresOnly(model), (image,))
+        analysis = FlopCountAnalysis(model, inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         return analysis.total() / 1e9
 
