@@ -27,7 +27,7 @@ from detectron2.evaluation import DatasetEvaluator
 from fal_d2.explain import SALIENCY_METHODS
 from fal_d2.explain.faithfulness import INSERTION_BASELINES, MASK_CONVENTIONS
 from fal_d2.explain.scoring import score_explanations
-from fal_d2.explain.targets import build_target
+from fal_d2.explain.build_target import build_target
 from fal_d2.explain.visualize import (
     ExplanationSample,
     explanation_grid,

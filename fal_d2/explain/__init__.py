@@ -14,11 +14,12 @@ from .attention import AttentionSaliency
 from .base import Saliency, SaliencyMethod, explanation_mode
 from .branch import BranchSaliency
 from .branch_cam import BranchCAM
+from .build_target import build_target
 from .detection_targets import DetectionTarget, FastRCNNBoxTarget, RetinaNetAnchorTarget
 from .fused import FusedSaliency
 from .gradcam import GradCAM
 from .gradcampp import GradCAMPlusPlus
-from .targets import ClassificationTarget, ExplanationTarget, TargetScores, build_target
+from .targets import ClassificationTarget, ExplanationTarget, TargetScores
 
 __all__ = [
     "SALIENCY_METHODS",

@@ -4,7 +4,7 @@ A method is built with ``(model, levels)`` for a model that exposes ``backbone``
 ``{level: (N, C, H, W)}``) and whose ``forward`` takes a list of dataset dicts: a classifier such
 as :class:`fal_d2.modeling.FALClassifier`, or a detector (GeneralizedRCNN, RetinaNet and their
 FAL versions). What is explained is the model's :class:`~fal_d2.explain.targets.ExplanationTarget`
-(by default :func:`~fal_d2.explain.targets.build_target`): a class logit of a classifier, or the
+(by default :func:`~fal_d2.explain.build_target.build_target`): a class logit of a classifier, or the
 class logit of a detector's top detection (:mod:`fal_d2.explain.detection_targets`).
 
 Calling the method runs the model's own forward once, with hooks on ``backbone`` (its features)
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .mode import explanation_mode
-from .targets import ExplanationTarget, TargetScores, build_target
+from .build_target import build_target
+from .targets import ExplanationTarget, TargetScores
 
 __all__ = ["Saliency", "SaliencyMethod", "explanation_mode"]
 
@@ -120,7 +121,7 @@ class SaliencyMethod:
         Args:
             model: a classifier or detector exposing ``backbone`` (see the module docstring).
             levels: backbone outputs to explain, e.g. ``["p2", "p3"]``.
-            target: what to explain; default :func:`~fal_d2.explain.targets.build_target`.
+            target: what to explain; default :func:`~fal_d2.explain.build_target.build_target`.
         """
         if not isinstance(getattr(model, "backbone", None), nn.Module):
             raise TypeError(

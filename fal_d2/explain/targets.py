@@ -13,7 +13,7 @@ neither needs to know what the model outputs:
 
 :class:`ClassificationTarget` explains a class of a classifier such as FALClassifier; detectors'
 targets (the image's top detection) are in :mod:`fal_d2.explain.detection_targets`.
-:func:`build_target` picks the one that fits a model.
+:func:`fal_d2.explain.build_target.build_target` picks the one that fits a model.
 """
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -28,7 +28,6 @@ __all__ = [
     "TargetScores",
     "ExplanationTarget",
     "ClassificationTarget",
-    "build_target",
     "check_target_classes",
 ]
 
@@ -168,17 +167,3 @@ class ClassificationTarget(ExplanationTarget):
         scores = predict_scores(self.model, list(images), self.chunk_size)
         classes = torch.as_tensor(classes, dtype=torch.int64, device=scores.device)
         return scores[torch.arange(len(scores), device=scores.device), classes]
-
-
-def build_target(model: nn.Module) -> ExplanationTarget:
-    """The target of ``model``: its top detection for a RetinaNet or a GeneralizedRCNN (and their
-    FAL versions), a class logit otherwise."""
-    from detectron2.modeling import GeneralizedRCNN, RetinaNet
-
-    from .detection_targets import FastRCNNBoxTarget, RetinaNetAnchorTarget
-
-    if isinstance(model, RetinaNet):
-        return RetinaNetAnchorTarget(model)
-    if isinstance(model, GeneralizedRCNN):
-        return FastRCNNBoxTarget(model)
-    return ClassificationTarget(model)
