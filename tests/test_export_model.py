@@ -143,6 +143,23 @@ def test_exported_model_takes_float_input_and_other_sizes(fal_export):
     assert_outputs_equal(outputs, eager_outputs(model, odd))
 
 
+def test_exported_model_runs_without_fal_d2_or_detectron2(fal_export, tmp_path):
+    """A plain torch process (no fal_d2, no Detectron2 imported) loads and runs the file."""
+    cfg, model, path, test_set = fal_export
+    images = mini_batch(cfg, test_set, [6, 8])
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import sys, torch\n"
+        f"module = torch.jit.load({str(path)!r})\n"
+        f"outputs = module(torch.load({str(tmp_path / 'images.pt')!r}))\n"
+        "assert not {'fal_d2', 'detectron2'} & set(sys.modules)\n"
+        f"torch.save(dict(outputs), {str(tmp_path / 'outputs.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-W", "ignore", "-c", script], check=True, cwd=tmp_path,
+                   timeout=300)
+    assert_outputs_equal(torch.load(tmp_path / "outputs.pt"), eager_outputs(model, images))
+
+
 def test_export_metadata_names_inputs_outputs_and_weights(fal_export):
     cfg, _, path, _ = fal_export
     _, metadata = load_exported(str(path))
