@@ -14,11 +14,11 @@ directly), the later one's stem gets a short hash of its path. ``predictions.jso
 input path to the predicted class, its score and the heatmap paths.
 
 With --video-input instead of --input, every frame of the video is classified and written to the
-video file --output (mp4v; a folder gets ``<video stem>_explained.mp4``): the frame with its predicted class
-and score, then one JET overlay of the class map per explained level, side by side. The video is
-written to a temp file beside it and renamed at the end, so an interrupted run leaves no partial
-video under the real name; a video that cannot be opened fails with one line before anything is
-written.
+video file --output (mp4v; a folder gets ``<video stem>_explained.mp4``): the frame with its
+predicted class and score, then one JET overlay of the class map per explained level, side by
+side. The video is written to a temp file beside it and renamed at the end, so an interrupted run
+leaves no partial video under the real name; a video that cannot be opened fails with one line
+before anything is written.
 
     python tools/demo.py --config-file configs/fal_p2p3.yaml --video-input clip.mp4 \
         --output out/clip_explained.mp4 MODEL.WEIGHTS output/model_final.pth
@@ -165,7 +165,8 @@ def atomic_video_writer(path, fps, size):
     which OpenCV picks the container."""
     directory, name = os.path.split(os.path.abspath(path))
     stem, extension = os.path.splitext(name)
-    tmp_path = os.path.join(directory, f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{extension}")
+    tmp_name = f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{extension}"
+    tmp_path = os.path.join(directory, tmp_name)
     height, width = size
     writer = cv2.VideoWriter(tmp_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     try:
@@ -218,8 +219,9 @@ def annotate_frame(predictor, frame_bgr, class_names, size):
 def load_predictor(cfg, allow_random_weights):
     """The predictor and the test set's class names (None when the config names no test set)."""
     predictor = FALPredictor(cfg, allow_random_weights=allow_random_weights)
-    class_names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes") if cfg.DATASETS.TEST else None
-    return predictor, class_names
+    if not cfg.DATASETS.TEST:
+        return predictor, None
+    return predictor, MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes")
 
 
 def run_on_video(args, cfg):
