@@ -60,11 +60,9 @@ class TraceableClassifier(nn.Module):
         logits, attention = model.classify(pixels.contiguous(memory_format=model.memory_format))
         scores = logits.float().softmax(dim=1)
         outputs = {"scores": scores}
-        # gather rather than AttentionOutput.class_map, whose arange(len(...)) would fix the
-        # traced batch size.
-        predicted = scores.argmax(dim=1)[:, None, None, None]
+        predicted = scores.argmax(dim=1)
         for level, out in attention.items():
-            class_map = out.class_maps.gather(1, predicted.expand(-1, 1, *out.class_maps.shape[-2:]))
+            class_map = out.class_map(predicted)[:, None]
             outputs[f"class_map/{level}"] = min_max_per_image(
                 _to_input_size(class_map, padded_size, height, width))
             outputs[f"attention/{level}"] = _to_input_size(out.attention, padded_size, height, width)

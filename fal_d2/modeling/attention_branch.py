@@ -29,9 +29,10 @@ class AttentionOutput(NamedTuple):
     def class_map(self, classes: torch.Tensor) -> torch.Tensor:
         """(N, H, W): each image's class-logit map of its class in ``classes`` (N,); a class of -1
         (nothing to explain, e.g. a detector without a detection) gives a map of zeros."""
-        rows = torch.arange(len(classes), device=self.class_maps.device)
         classes = torch.as_tensor(classes, dtype=torch.int64, device=self.class_maps.device)
-        maps = self.class_maps[rows, classes.clamp_min(0)]
+        # gather, not indexing with arange(N): a traced model (fal_d2/export.py) keeps any N.
+        index = classes.clamp_min(0)[:, None, None, None].expand(-1, 1, *self.class_maps.shape[-2:])
+        maps = self.class_maps.gather(1, index)[:, 0]
         return torch.where((classes >= 0)[:, None, None], maps, torch.zeros_like(maps))
 
 
