@@ -10,8 +10,9 @@ It fails early, with one line, on what would otherwise give a wrong answer quiet
 config (naming the YAML file), an unknown level (checked before the first iteration), no weights
 for ``--eval-only`` (unless ``--allow-random-weights``) and weights that do not fit the model
 (unless ``MODEL.WEIGHTS_PARTIAL``). Checkpoints are written atomically and ``--resume`` skips a
-damaged one (:mod:`fal_d2.checkpoint`). ``--eval-only`` appends its results, with the weights
-file and its sha256, to ``OUTPUT_DIR/metrics.json``.
+damaged one (:mod:`fal_d2.checkpoint`); it is exact, as checkpoints also hold the data position
+and the run's seed (:mod:`fal_d2.engine.exact_resume`). ``--eval-only`` appends its results, with
+the weights file and its sha256, to ``OUTPUT_DIR/metrics.json``.
 """
 import json
 import logging
@@ -38,7 +39,9 @@ from fal_d2.data import (
     ClassificationDatasetMapper,
     build_batched_test_loader,
     build_classification_train_loader,
+    build_resumable_train_loader,
 )
+from fal_d2.engine import ExactResumeMixin
 from fal_d2.evaluation import ClassificationEvaluator, ExplanationEvaluator
 from fal_d2.evaluation.explanation_evaluator import check_explain_config
 from fal_d2.evaluation.report import write_evaluation_report
@@ -46,8 +49,9 @@ from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with the classification mapper, fal_d2's evaluators and its checkpointer."""
+class Trainer(ExactResumeMixin, DefaultTrainer):
+    """DefaultTrainer with the classification mapper, fal_d2's evaluators, its checkpointer and
+    exact resume (a resumable training loader, :class:`~fal_d2.engine.ExactResumeMixin`)."""
 
     def build_hooks(self):
         # DefaultTrainer.__init__ builds a plain DetectionCheckpointer just before the hooks; swap
@@ -61,8 +65,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """A loader that checkpoints can reposition; Detectron2's for detection with another
+        DATALOADER.SAMPLER_TRAIN (whose resume then restarts the sample order)."""
         if is_classifier(cfg):
             return build_classification_train_loader(cfg)
+        if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+            return build_resumable_train_loader(cfg, DatasetMapper(cfg, is_train=True))
         return build_detection_train_loader(cfg)
 
     @classmethod

@@ -10,17 +10,25 @@ the model still gets Detectron2's list of dicts.
 """
 import torch
 
-from detectron2.data import build_detection_train_loader
-
 from .mapper import ClassificationDatasetMapper
+from .resumable_loader import build_resumable_train_loader
 
-__all__ = ["stack_images", "UnstackedImages", "build_classification_train_loader"]
+__all__ = ["stack_images", "unstack_images", "UnstackedImages", "build_classification_train_loader"]
 
 
 def stack_images(batch):
     """Collate function (runs in a worker): ``(images (N, C, H, W), dicts without "image")``."""
     images = torch.stack([record.pop("image") for record in batch])
     return images, batch
+
+
+def unstack_images(batch):
+    """Inverse of :func:`stack_images` (runs in the main process): the list of dicts, each with a
+    view of its image."""
+    images, records = batch
+    for record, image in zip(records, images):
+        record["image"] = image
+    return records
 
 
 class UnstackedImages:
@@ -30,15 +38,13 @@ class UnstackedImages:
         self.loader = loader
 
     def __iter__(self):
-        for images, records in self.loader:
-            for record, image in zip(records, images):
-                record["image"] = image
-            yield records
+        return map(unstack_images, self.loader)
 
 
 def build_classification_train_loader(cfg):
-    """Detectron2's training loader with the classification mapper, images sent stacked."""
-    loader = build_detection_train_loader(
-        cfg, mapper=ClassificationDatasetMapper(cfg, is_train=True), collate_fn=stack_images
+    """The resumable training loader (:mod:`fal_d2.data.resumable_loader`) with the
+    classification mapper, images sent stacked."""
+    return build_resumable_train_loader(
+        cfg, ClassificationDatasetMapper(cfg, is_train=True),
+        collate_fn=stack_images, main_process_fn=unstack_images,
     )
-    return UnstackedImages(loader)
