@@ -35,7 +35,6 @@ import io
 import itertools
 import logging
 import os
-import secrets
 import sys
 
 # ffmpeg's own message for an unreadable video ("moov atom not found") would precede the demo's
@@ -55,7 +54,7 @@ from fal_d2.checkpoint import check_weights_given
 from fal_d2.config import add_fal_config, merge_config_file
 from fal_d2.explain.visualize import overlay_heatmap
 from fal_d2.predictor import FALPredictor, to_bgr_uint8
-from fal_d2.utils.atomic_io import atomic_write_bytes, atomic_write_json
+from fal_d2.utils.atomic_io import atomic_path, atomic_write_bytes, atomic_write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv")  # containers that take mp4v here
@@ -159,29 +158,17 @@ def read_frames(capture):
 
 @contextlib.contextmanager
 def atomic_video_writer(path, fps, size):
-    """A ``cv2.VideoWriter`` (mp4v) of (height, width) ``size`` frames on a temp file beside
-    ``path``, renamed to ``path`` on a clean exit and removed otherwise, as
-    :mod:`fal_d2.utils.atomic_io` writes other files. The temp name keeps the extension, from
-    which OpenCV picks the container."""
-    directory, name = os.path.split(os.path.abspath(path))
-    stem, extension = os.path.splitext(name)
-    tmp_name = f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{extension}"
-    tmp_path = os.path.join(directory, tmp_name)
+    """A ``cv2.VideoWriter`` (mp4v) of (height, width) ``size`` frames, written through
+    :func:`~fal_d2.utils.atomic_io.atomic_path`: under its real name only once complete."""
     height, width = size
-    writer = cv2.VideoWriter(tmp_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    try:
-        if not writer.isOpened():
-            raise ValueError(f"--output {path}: OpenCV cannot write an mp4v video there")
-        yield writer
-        writer.release()
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())  # the rename must not reach the disk before the data does
-        os.replace(tmp_path, path)
-    except BaseException:
-        writer.release()
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    with atomic_path(path) as tmp_path:
+        writer = cv2.VideoWriter(tmp_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        try:
+            if not writer.isOpened():
+                raise ValueError(f"--output {path}: OpenCV cannot write an mp4v video there")
+            yield writer
+        finally:
+            writer.release()
 
 
 def put_caption(image, text):

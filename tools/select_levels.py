@@ -19,7 +19,6 @@ anything at ``--output``, so a config that this tool writes always loads.
 import argparse
 import json
 import os
-import secrets
 import sys
 
 from tabulate import tabulate
@@ -35,6 +34,7 @@ from fal_d2.evaluation.level_selection import (
     rank_levels,
     select_weakest_levels,
 )
+from fal_d2.utils.atomic_io import atomic_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BASE_CONFIG = os.path.join(REPO_ROOT, "configs", "Base-FAL.yaml")
@@ -130,15 +130,9 @@ def write_verified_config(path, text, levels):
     for the final file, and ``os.replace`` is atomic there: ``path`` is never left half-written
     or holding a config that does not load.
     """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp.yaml")
-    # Mode 0o666 lets the umask decide the permissions, as open() would for a new file.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp_path:
+        with open(tmp_path, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             loaded = list(load_fal_config(tmp_path).MODEL.FAL.ATTENTION_LEVELS)
         except Exception as e:
@@ -149,10 +143,6 @@ def write_verified_config(path, text, levels):
             raise LevelSelectionError(
                 f"the written config loads ATTENTION_LEVELS {loaded}, expected {levels}"
             )
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
 
 
 def main(argv=None):

@@ -11,29 +11,40 @@ import json
 import os
 import secrets
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+__all__ = ["atomic_path", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_save_figure"]
 
 
 @contextlib.contextmanager
-def atomic_open(path):
-    """A binary file to write ``path`` through: a temp file that replaces ``path`` on a clean exit
-    and is removed on an exception (a full disk). A killed writer leaves at most a hidden temp
-    file, never a partial file under the real name. Streams, so a large file (a checkpoint) is
-    never held in memory. The directory must exist."""
+def atomic_path(path):
+    """A temp path beside ``path`` for writers that need a file name rather than a file object
+    (``cv2.VideoWriter``, a config that must load before it is kept): on a clean exit the file is
+    synced and replaces ``path``; on an exception it is removed. The temp name keeps the extension,
+    from which such writers pick the format, and starts with a dot. The directory must exist."""
     directory, name = os.path.split(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with mode 0o666 lets the umask decide permissions, as open() would for the target.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    stem, extension = os.path.splitext(name)
+    tmp_path = os.path.join(directory, f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{extension}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())  # the rename must not reach the disk before the data does
         os.replace(tmp_path, path)
     except BaseException:
-        os.unlink(tmp_path)
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file to write ``path`` through (:func:`atomic_path`): a killed writer leaves at
+    most a hidden temp file, never a partial file under the real name. Streams, so a large file
+    (a checkpoint) is never held in memory."""
+    with atomic_path(path) as tmp_path:
+        # os.open with mode 0o666 lets the umask decide permissions, as open() would for the target.
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            yield f
 
 
 def atomic_write_bytes(path, data):
