@@ -154,3 +154,46 @@ def test_checkpoint_without_resume_state_resumes_with_a_warning(tmp_path, killed
                if value.is_floating_point())
     # It trained on from the checkpoint, but with another sample order and other draws.
     assert _max_difference(resumed, uninterrupted) > 1e-4
+
+
+@pytest.mark.parametrize("grouping", [False, True], ids=["exact", "aspect-ratio-grouping"])
+def test_detector_resumes(tmp_path, grouping, one_thread):
+    """A Faster R-CNN trained with tools/train_net.py resumes from a mid-run checkpoint; exactly
+    without aspect-ratio grouping (its buckets are not checkpointed)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from fal_d2.data.shapes_coco import make_shapes_coco, register_shapes_coco
+
+    from conftest import load_script, tiny_detection_overrides
+
+    train_net = load_script(os.path.join("tools", "train_net.py"))
+    name = f"exact_resume_shapes_{grouping}"
+    make_shapes_coco(str(tmp_path / "shapes"), 8, 96, 0)
+    register_shapes_coco(name, str(tmp_path / "shapes"))
+    opts = [str(o) for o in TINY_OVERRIDES + tiny_detection_overrides(name, name, 96)] + [
+        "DATASETS.TEST", "()", "DATALOADER.ASPECT_RATIO_GROUPING", str(grouping), "SEED", "3",
+        "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
+    ]
+    config = os.path.join(REPO_ROOT, "configs", "COCO-Detection",
+                          "fal_faster_rcnn_R_50_FPN_p2p3_1x.yaml")
+
+    def train(output_dir, *flags):
+        args = train_net.get_parser().parse_args(
+            ["--config-file", config, *flags, *opts, "OUTPUT_DIR", str(output_dir)])
+        train_net.main(args)
+        return _weights(output_dir / "model_final.pth")
+
+    try:
+        uninterrupted = train(tmp_path / "run")
+        # Resume a copy from its iteration-2 checkpoint, as if killed there.
+        shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+        (tmp_path / "resumed" / "model_final.pth").unlink()
+        (tmp_path / "resumed" / "last_checkpoint").write_text("model_0000001.pth")
+        resumed = train(tmp_path / "resumed", "--resume")
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    if grouping:
+        assert all(torch.isfinite(v).all() for v in resumed.values() if v.is_floating_point())
+    else:
+        _assert_same_weights(resumed, uninterrupted)
