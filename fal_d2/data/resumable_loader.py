@@ -63,7 +63,8 @@ class _RankBatches(torchdata.IterableDataset):
 class ResumableTrainLoader:
     """An endless training loader with ``state_dict`` / ``load_state_dict`` (see the module
     docstring). Iterating it is lazy: nothing starts until the first batch is asked for, so a
-    trainer may load a checkpoint after taking ``iter()`` of it (Detectron2's SimpleTrainer does)."""
+    trainer may load a checkpoint after taking ``iter()`` of it (v0.6's SimpleTrainer does, in
+    its constructor, before ``resume_or_load``)."""
 
     def __init__(self, dataset, mapper, *, seed, total_batch_size, num_workers=0,
                  collate_fn=None, aspect_ratio_grouping=False, main_process_fn=None):
