@@ -5,7 +5,7 @@ model; their running average usually evaluates better, at no training cost beyon
 blend per step. The hook keeps the average in a copy of the model (``ema_model``), which the
 trainer evaluates instead of the trained weights. Being a hook with ``state_dict``, the average
 travels in every checkpoint (Detectron2 saves hook states in the trainer state), so ``--resume``
-continues it. At the end of training it is copied into the model, so that ``model_final.pth``,
+continues it. After the last step it is copied into the model, so that ``model_final.pth``,
 and everything that loads it (``--eval-only``, the predictors, export), holds the averaged weights.
 """
 import copy
@@ -57,11 +57,8 @@ class WeightEMA(HookBase):
 
     def after_step(self):
         self.update()
-
-    def after_train(self):
-        """Put the average into the model, before the checkpointer writes ``model_final``.
-        Only after a completed run: a crashed one keeps its trained weights."""
         if self.trainer.iter + 1 >= self.trainer.max_iter:
+            # The last step: Detectron2's checkpointer writes model_final in its after_step, next.
             self.model.load_state_dict(self.ema_model.state_dict())
 
     def state_dict(self):

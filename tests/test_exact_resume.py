@@ -2,7 +2,8 @@
 --resume ends with the weights of an uninterrupted run of the same seed.
 
 The runs are real subprocesses of the tool, with loader workers, augmentation (flips, rotations,
-colour jitter) and head dropout, so the data order, the augmentation draws and the model's RNG
+colour jitter, random resized crops), head dropout, mixup/CutMix and an EMA of the weights (the
+from-scratch recipe), so the data order, the augmentation draws, the model's RNG and the average
 all have to come back. On the CPU a training step is deterministic for a fixed thread count, so
 the weights must agree to float32 rounding.
 """
@@ -45,6 +46,12 @@ def _command(output_dir, *extra, max_iter=MAX_ITER, checkpoint_period=CHECKPOINT
         "DATALOADER.NUM_WORKERS", "2",
         "INPUT.CLS.COLOR_JITTER", "0.2",
         "MODEL.CLS_HEAD.DROPOUT", "0.3",
+        "INPUT.CLS.CROP_SCALE", "[0.5, 1.0]",
+        "INPUT.CLS.MIXUP_ALPHA", "0.2",
+        "INPUT.CLS.CUTMIX_ALPHA", "1.0",
+        "MODEL.CLS_HEAD.LABEL_SMOOTHING", "0.1",
+        "MODEL.EMA.ENABLED", "True",
+        "MODEL.EMA.DECAY", "0.9",
         "SOLVER.IMS_PER_BATCH", "8",
         "SOLVER.BASE_LR", "0.01",
         "SOLVER.WARMUP_ITERS", "5",
@@ -92,8 +99,12 @@ def _train_and_kill_after_checkpoint(output_dir, checkpoint_period=CHECKPOINT_PE
     assert not (output_dir / "model_final.pth").exists(), "the kill did not land mid-run"
 
 
+def _checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return _checkpoint(path)["model"]
 
 
 def _max_difference(a, b):
@@ -140,10 +151,24 @@ def test_batches_do_not_depend_on_workers_or_start(mini_datasets, tiny_cfg):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
     _train(output_dir)
-    return _weights(output_dir / "model_final.pth")
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return _weights(uninterrupted_run / "model_final.pth")
+
+
+def test_model_final_holds_the_weight_average(uninterrupted_run):
+    """With MODEL.EMA, model_final.pth holds the average (the hook's state); a periodic checkpoint
+    holds the trained weights of its step beside the average up to that step."""
+    final = _checkpoint(uninterrupted_run / "model_final.pth")
+    _assert_same_weights(final["model"], final["trainer"]["hooks"]["WeightEMA"]["ema_model"])
+    middle = _checkpoint(uninterrupted_run / f"model_{2 * CHECKPOINT_PERIOD - 1:07d}.pth")
+    assert _max_difference(middle["model"], middle["trainer"]["hooks"]["WeightEMA"]["ema_model"]) > 1e-4
 
 
 @pytest.fixture(scope="module")

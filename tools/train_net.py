@@ -28,13 +28,19 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils.logger import setup_logger
 
 import fal_d2  # noqa: F401  (registers models and datasets)
 from fal_d2.checkpoint import FALCheckpointer, check_weights_given, file_sha256
-from fal_d2.config import add_fal_config, check_config_against_datasets, merge_config_file
+from fal_d2.config import (
+    add_fal_config,
+    check_config_against_datasets,
+    check_training_recipe,
+    merge_config_file,
+)
 from fal_d2.data import (
     ClassificationDatasetMapper,
     build_batched_test_loader,
@@ -47,6 +53,7 @@ from fal_d2.evaluation.explanation_evaluator import check_explain_config
 from fal_d2.evaluation.report import write_evaluation_report
 from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
+from fal_d2.weight_ema import WeightEMA
 
 
 class Trainer(ExactResumeMixin, DefaultTrainer):
@@ -61,7 +68,25 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
             plain.model, plain.save_dir, save_to_disk=plain.save_to_disk,
             partial=self.cfg.MODEL.WEIGHTS_PARTIAL, training=True, **plain.checkpointables,
         )
-        return super().build_hooks()
+        hook_list = super().build_hooks()
+        if self.cfg.MODEL.EMA.ENABLED:
+            hook_list = self._with_weight_ema(hook_list)
+        return hook_list
+
+    def _with_weight_ema(self, hook_list):
+        """Insert :class:`WeightEMA` before the checkpointer (so each checkpoint holds the average
+        up to its own step, and ``model_final`` the average itself) and evaluate the average."""
+        self.weight_ema = WeightEMA(self.model, self.cfg.MODEL.EMA.DECAY)
+        first = next(i for i, hook in enumerate(hook_list)
+                     if isinstance(hook, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        hook_list.insert(first, self.weight_ema)
+
+        def test_weight_ema():  # DefaultTrainer's evaluation function, on the average
+            self._last_eval_results = self.test(self.cfg, self.weight_ema.ema_model)
+            return self._last_eval_results
+
+        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_weight_ema)
+                if isinstance(hook, hooks.EvalHook) else hook for hook in hook_list]
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -118,7 +143,8 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
         """
         if weights_note is None:
             start = f"initialised from {cfg.MODEL.WEIGHTS}" if cfg.MODEL.WEIGHTS else "from scratch"
-            weights_note = f"weights: trained in this run ({cfg.OUTPUT_DIR}, {start})"
+            average = ", their EMA" if cfg.MODEL.EMA.ENABLED else ""
+            weights_note = f"weights: trained in this run ({cfg.OUTPUT_DIR}, {start}{average})"
         if evaluators is None:
             bare_model = getattr(model, "module", model)  # unwrap DistributedDataParallel
             evaluators = [
@@ -161,12 +187,16 @@ def setup(args):
     check_config_against_datasets(cfg)
     check_explain_config(cfg)
     check_levels(cfg)
+    check_training_recipe(cfg)
     resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if args.eval_only and not resumable:
         check_weights_given(cfg.MODEL.WEIGHTS, getattr(args, "allow_random_weights", False),
                             "--eval-only", "pass --allow-random-weights")
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup logs Detectron2's and fvcore's messages; fal_d2's (checkpoint fits, resume
+    # warnings) go to the same console and OUTPUT_DIR/log.txt.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fal_d2")
     return cfg
 
 
