@@ -98,11 +98,6 @@ def test_two_workers_train_and_evaluate_the_whole_test_set(runs):
     assert len(os.listdir(explain_dir / "heatmaps" / "attention" / "p2")) == 21
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="tools/train_net.py does not yet call broadcast_buffers_from_main_process before "
-    "evaluating: each worker evaluates with its own BatchNorm running statistics",
-)
 def test_training_metrics_equal_an_eval_only_of_the_saved_weights(runs):
     trained, evaluated = runs
     during_training = [_evaluation(line) for line in _metrics_lines(trained) if _evaluation(line)]

@@ -53,6 +53,7 @@ from fal_d2.evaluation.explanation_evaluator import check_explain_config
 from fal_d2.evaluation.report import write_evaluation_report
 from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
+from fal_d2.utils.distributed import broadcast_buffers_from_main_process
 from fal_d2.weight_ema import WeightEMA
 
 
@@ -150,6 +151,9 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
             evaluators = [
                 cls.build_evaluator(cfg, name, model=bare_model) for name in cfg.DATASETS.TEST
             ]
+        # Each worker's BatchNorm statistics follow its own batches (DDP with broadcast_buffers=
+        # False); evaluate everywhere the model the main process saves.
+        broadcast_buffers_from_main_process(model)
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
             for dataset_name in cfg.DATASETS.TEST:
