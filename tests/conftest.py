@@ -133,3 +133,12 @@ def mini_train_opts(output_dir, train, test):
         "TEST.EXPLAIN.VIS_PER_CLASS", "1",
         "TEST.EXPLAIN.AUC_STEPS", "2",
     ]
+
+
+def has_compiled_ops():
+    """Whether an official Detectron2 (with compiled ops) is installed instead of our build."""
+    try:
+        import detectron2._C  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -15,20 +15,12 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.modeling import build_model
 
-from conftest import load_script, make_tiny_cfg
+from conftest import has_compiled_ops, load_script, make_tiny_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def _has_compiled_ops():
-    try:
-        import detectron2._C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_has_compiled_ops(), reason="an official Detectron2 is installed, not our build")
+@pytest.mark.skipif(has_compiled_ops(), reason="an official Detectron2 is installed, not our build")
 def test_every_patch_is_in_the_installed_detectron2():
     build = load_script(os.path.join("tools", "build_detectron2.py"))
     package_dir = os.path.dirname(detectron2.__file__)

@@ -6,21 +6,14 @@ import sys
 import pytest
 import torch
 
+from conftest import has_compiled_ops
+
 MODULES = ["detectron2.modeling", "detectron2.engine", "detectron2.evaluation", "detectron2.model_zoo"]
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-
-def _has_compiled_ops():
-    try:
-        import detectron2._C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 needs_pure_python_build = pytest.mark.skipif(
-    _has_compiled_ops(), reason="an official Detectron2 with compiled ops is installed"
+    has_compiled_ops(), reason="an official Detectron2 with compiled ops is installed"
 )
 
 
