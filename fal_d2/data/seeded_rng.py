@@ -21,12 +21,17 @@ def derived_seed(*entropy: int) -> int:
     return (int(high) << 32 | int(low)) & ((1 << 63) - 1)
 
 
+def _seed_cpu_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.default_generator.manual_seed(seed)
+
+
 def seed_global_rngs(*entropy: int) -> None:
     """Seed Python's, NumPy's and torch's RNGs (CPU and every CUDA device) from ``entropy``."""
     seed = derived_seed(*entropy)
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
+    _seed_cpu_rngs(seed)
+    torch.cuda.manual_seed_all(seed)  # lazy: applied when CUDA initialises, a no-op without it
 
 
 @contextmanager
@@ -35,10 +40,7 @@ def global_rngs_seeded(*entropy: int):
     them back as they were: mapping a sample in the main process (no loader workers) must not move
     the trainer's RNGs. CUDA RNGs are left alone (data mapping runs on the CPU)."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    seed = derived_seed(*entropy)
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.default_generator.manual_seed(seed)
+    _seed_cpu_rngs(derived_seed(*entropy))
     try:
         yield
     finally:
