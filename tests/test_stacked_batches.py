@@ -2,7 +2,7 @@
 import torch
 import torch.utils.data as torchdata
 
-from fal_d2.data import UnstackedImages, stack_images
+from fal_d2.data import stack_images, unstack_images
 
 
 class _Images(torchdata.Dataset):
@@ -16,7 +16,7 @@ class _Images(torchdata.Dataset):
 
 def test_workers_send_one_tensor_and_the_trainer_gets_dicts():
     loader = torchdata.DataLoader(_Images(), batch_size=3, num_workers=2, collate_fn=stack_images)
-    batches = list(UnstackedImages(loader))
+    batches = list(map(unstack_images, loader))
     assert [[record["label"] for record in batch] for batch in batches] == [[0, 1, 2], [3, 4, 5]]
     for batch in batches:
         storages = {record["image"].untyped_storage().data_ptr() for record in batch}

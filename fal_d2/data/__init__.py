@@ -3,13 +3,8 @@ from . import shapes_coco, ucmerced  # noqa: F401  (register the builtin ucmerce
 from .mapper import ClassificationDatasetMapper, RandomRotate90, Rot90Transform
 from .resumable_loader import ResumableTrainLoader, build_resumable_train_loader
 from .sample_stream import SampleStream, training_seed
-from .stacked_batches import (
-    UnstackedImages,
-    build_classification_train_loader,
-    stack_images,
-    unstack_images,
-)
-from .test_loader import build_batched_test_loader
+from .stacked_batches import build_classification_train_loader, stack_images, unstack_images
+from .inference_loader import build_batched_test_loader
 from .ucmerced import CLASS_NAMES, load_ucmerced, register_ucmerced
 
 __all__ = [
@@ -19,7 +14,6 @@ __all__ = [
     "ResumableTrainLoader",
     "Rot90Transform",
     "SampleStream",
-    "UnstackedImages",
     "build_batched_test_loader",
     "build_classification_train_loader",
     "build_resumable_train_loader",

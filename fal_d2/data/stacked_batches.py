@@ -13,7 +13,7 @@ import torch
 from .mapper import ClassificationDatasetMapper
 from .resumable_loader import build_resumable_train_loader
 
-__all__ = ["stack_images", "unstack_images", "UnstackedImages", "build_classification_train_loader"]
+__all__ = ["stack_images", "unstack_images", "build_classification_train_loader"]
 
 
 def stack_images(batch):
@@ -29,16 +29,6 @@ def unstack_images(batch):
     for record, image in zip(records, images):
         record["image"] = image
     return records
-
-
-class UnstackedImages:
-    """Iterate a loader of :func:`stack_images` batches as lists of dicts with per-image views."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return map(unstack_images, self.loader)
 
 
 def build_classification_train_loader(cfg):
