@@ -29,7 +29,9 @@ class AttentionOutput(NamedTuple):
     def class_map(self, classes: torch.Tensor) -> torch.Tensor:
         """(N, H, W): each image's class-logit map of its class in ``classes`` (N,); a class of -1
         (nothing to explain, e.g. a detector without a detection) gives a map of zeros."""
-        classes = torch.as_tensor(classes, dtype=torch.int64, device=self.class_maps.device)
+        if not isinstance(classes, torch.Tensor):  # as_tensor on a tensor would warn in a trace
+            classes = torch.as_tensor(classes)
+        classes = classes.to(device=self.class_maps.device, dtype=torch.int64)
         # gather, not indexing with arange(N): a traced model (fal_d2/export.py) keeps any N.
         index = classes.clamp_min(0)[:, None, None, None].expand(-1, 1, *self.class_maps.shape[-2:])
         maps = self.class_maps.gather(1, index)[:, 0]
