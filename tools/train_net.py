@@ -53,6 +53,7 @@ from fal_d2.evaluation.explanation_evaluator import check_explain_config
 from fal_d2.evaluation.report import write_evaluation_report
 from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
+from fal_d2.utils.atomic_io import atomic_write_text
 from fal_d2.utils.distributed import broadcast_buffers_from_main_process
 from fal_d2.weight_ema import WeightEMA
 
@@ -219,12 +220,19 @@ def print_outputs(cfg):
 
 
 def write_eval_metrics(cfg, results, weights_file, sha256, iteration):
-    """Append one JSON line to OUTPUT_DIR/metrics.json, as the trainer's writer does: the results
-    flattened ("classification/top1"...), the weights file, its sha256 and its iteration."""
+    """Add one JSON line to OUTPUT_DIR/metrics.json, in the trainer's writer's format: the results
+    flattened ("classification/top1"...), the weights file, its sha256 and its iteration. The file
+    is rewritten atomically, so a kill cannot leave the earlier lines half-written."""
     record = {"eval_only": True, "weights": weights_file, "weights_sha256": sha256,
               "iteration": iteration, **flatten_results_dict(results)}
-    with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    path = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
+    existing = ""
+    if os.path.isfile(path):
+        with open(path) as f:
+            existing = f.read()
+    if existing and not existing.endswith("\n"):
+        existing += "\n"  # a line cut by a killed writer stays a line of its own
+    atomic_write_text(path, existing + json.dumps(record, sort_keys=True) + "\n")
 
 
 def evaluate(cfg, args):
