@@ -54,7 +54,7 @@ from fal_d2.evaluation.report import write_evaluation_report
 from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
 from fal_d2.utils.atomic_io import atomic_write_text
-from fal_d2.utils.distributed import broadcast_buffers_from_main_process
+from fal_d2.utils.distributed import broadcast_buffers_from_main_process, end_distributed_run
 from fal_d2.weight_ema import WeightEMA
 
 
@@ -250,6 +250,7 @@ def evaluate(cfg, args):
         verify_results(cfg, results)
         write_eval_metrics(cfg, results, weights_file, sha256, extra.get("iteration"))
         print_outputs(cfg)
+    end_distributed_run()
     return results
 
 
@@ -263,6 +264,7 @@ def main(args):
     results = trainer.train()
     if comm.is_main_process():
         print_outputs(cfg)
+    end_distributed_run()
     return results
 
 

@@ -4,7 +4,7 @@ import torch.distributed as dist
 
 import detectron2.utils.comm as comm
 
-__all__ = ["broadcast_buffers_from_main_process"]
+__all__ = ["broadcast_buffers_from_main_process", "end_distributed_run"]
 
 
 def broadcast_buffers_from_main_process(model: torch.nn.Module) -> None:
@@ -21,3 +21,14 @@ def broadcast_buffers_from_main_process(model: torch.nn.Module) -> None:
         return
     for buffer in model.buffers():
         dist.broadcast(buffer.data, src=0)
+
+
+def end_distributed_run() -> None:
+    """Wait for every worker, then tear the process group down. Detectron2 v0.6's ``launch``
+    lets each worker exit as soon as its own work is done; a worker that exits while another is
+    still in a gloo call makes that one abort ("terminate called without an active exception").
+    A no-op in a single process."""
+    if comm.get_world_size() == 1:
+        return
+    comm.synchronize()
+    dist.destroy_process_group()
