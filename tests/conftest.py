@@ -142,11 +142,3 @@ def has_compiled_ops():
     except ImportError:
         return False
     return True
-
-
-def end_process_group():
-    """End a launched worker as tools/train_net.py does: a barrier, then the process group torn
-    down, so that no worker exits while another still talks to it (gloo aborts the survivor)."""
-    from fal_d2.utils.distributed import end_distributed_run
-
-    end_distributed_run()

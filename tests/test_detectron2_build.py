@@ -15,7 +15,8 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.modeling import build_model
 
-from conftest import end_process_group, has_compiled_ops, load_script, make_tiny_cfg
+from conftest import has_compiled_ops, load_script, make_tiny_cfg
+from fal_d2.utils.distributed import end_distributed_run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -135,7 +136,7 @@ def record_worker(output_dir):
               "gradients": gradients}
     with open(os.path.join(output_dir, f"rank{comm.get_rank()}.json"), "w") as f:
         json.dump(record, f)
-    end_process_group()
+    end_distributed_run()
 
 
 def test_launch_runs_two_processes_on_the_cpu(tmp_path, monkeypatch):

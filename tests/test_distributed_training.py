@@ -11,9 +11,9 @@ import torch
 import detectron2.utils.comm as comm
 from detectron2.engine import launch
 
-from conftest import MINI_ROOT, REPO_ROOT, end_process_group, mini_train_opts
+from conftest import MINI_ROOT, REPO_ROOT, mini_train_opts
 from fal_d2.data.ucmerced import load_ucmerced_split
-from fal_d2.utils.distributed import broadcast_buffers_from_main_process
+from fal_d2.utils.distributed import broadcast_buffers_from_main_process, end_distributed_run
 
 TEST_SPLIT = "val"  # 210 images, the smallest built-in split
 TEST_SET = f"ucmerced_{TEST_SPLIT}"
@@ -115,7 +115,7 @@ def buffers_worker(output_dir):
     with open(os.path.join(output_dir, f"rank{comm.get_rank()}.json"), "w") as f:
         json.dump({"running_mean": norm.running_mean.tolist(),
                    "num_batches_tracked": int(norm.num_batches_tracked)}, f)
-    end_process_group()
+    end_distributed_run()
 
 
 def test_broadcast_buffers_gives_every_worker_the_main_process_statistics(tmp_path, monkeypatch):
