@@ -1,6 +1,9 @@
 """OpenCV at the user-facing edges: predictors take ``cv2.imread`` output, overlays are drawn as
-pytorch-grad-cam draws them."""
+pytorch-grad-cam draws them; without OpenCV, explanations are still scored."""
+import json
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -15,7 +18,7 @@ from fal_d2.data.mapper import ClassificationDatasetMapper
 from fal_d2.explain.visualize import overlay_heatmap
 from fal_d2.predictor import FALPredictor
 
-from conftest import MINI_ROOT, make_tiny_cfg
+from conftest import MINI_ROOT, REPO_ROOT, make_tiny_cfg
 
 SQUARE_IMAGE = os.path.join(MINI_ROOT, "Images", "airplane", "airplane02.jpg")  # 256 x 256
 
@@ -124,3 +127,46 @@ def test_overlay_matches_pytorch_grad_cam(colormap, alpha):
     # grad-cam truncates the blend to uint8, we round it
     difference = ours.astype(np.int16) - reference
     assert difference.min() >= 0 and difference.max() <= 1
+
+
+WITHOUT_OPENCV = """
+import json, os, sys
+sys.modules["cv2"] = None  # what `import cv2` meets on a machine without OpenCV: ImportError
+repo, output = sys.argv[1:]
+sys.path[:0] = [repo, os.path.join(repo, "tests")]
+import numpy as np
+from conftest import MINI_ROOT, TINY_OVERRIDES, load_script
+from fal_d2.data import register_ucmerced
+from fal_d2.explain.visualize import overlay_heatmap
+
+register_ucmerced(MINI_ROOT, prefix="ucmerced_mini", allow_missing=True)
+load_script("tools/explain.py").main([
+    "--config-file", os.path.join(repo, "configs", "fal_p2p3.yaml"),
+    "--dataset", "ucmerced_mini_test", "--allow-random-weights", "--max-images", "3",
+    "--methods", "branch_cam", "gradcam", "--vis-per-class", "0", "--output", output,
+    *[str(value) for value in TINY_OVERRIDES], "MODEL.CLS_HEAD.NUM_CLASSES", "21"])
+try:
+    overlay_heatmap(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4)))
+    overlay_error = None
+except ImportError as error:
+    overlay_error = str(error)
+print(json.dumps({"vis_per_class": load_script("tools/gpu_reproduce.py").default_vis_per_class(),
+                  "overlay_error": overlay_error}))
+"""
+
+
+def test_explanations_are_scored_without_opencv(tmp_path):
+    """The lent GPU machines have no OpenCV (no room in their carry): the explanation metrics must
+    still be computed there, with heatmap images off, and an overlay must say what is missing."""
+    output = tmp_path / "explain"
+    result = subprocess.run([sys.executable, "-c", WITHOUT_OPENCV, REPO_ROOT, str(output)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["vis_per_class"] == 0
+    assert report["overlay_error"].startswith("heatmap overlays need OpenCV")
+    assert "TEST.EXPLAIN.VIS_PER_CLASS 0" in report["overlay_error"]
+    with open(output / "layer_analysis.json") as f:
+        rows = json.load(f)["rows"]
+    assert {(row["method"], row["level"]) for row in rows} >= {("gradcam", "p2"), ("branch_cam", "p3")}
+    assert not list(output.rglob("*.png"))

@@ -2,7 +2,9 @@
 # Fill .gpu/ (git-excluded) with what tools/gpu_reproduce.sh needs on a GPU machine that has
 # PyTorch but no package registry: the pure-Python dependencies as installed here (Detectron2 as
 # tools/build_detectron2.py patched it), a Python 3.12 pycocotools wheel, and the UC Merced JPEG
-# copy as a tar. Everything must stay under the device tool's 64 MiB carry limit.
+# copy as a tar. Everything must stay under the device tool's 64 MiB carry limit, which leaves no
+# room for OpenCV's wheel (about 50 MB): without it, gpu_reproduce.py scores the explanations and
+# draws no heatmap images (--vis-per-class defaults to 0).
 #
 #   bash tools/pack_gpu_carry.sh ../shared/datasets/UCMerced_LandUse_jpg90.tar
 set -euo pipefail

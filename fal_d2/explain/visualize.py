@@ -1,6 +1,9 @@
 """Heatmap overlays and image grids of explanations, as in the paper's figures.
 
-Heatmaps are OpenCV colour maps, blended as pytorch-grad-cam blends them. Figures are drawn on a
+Heatmaps are OpenCV colour maps, blended as pytorch-grad-cam blends them. OpenCV is imported when
+the first overlay is drawn, not with this module: the evaluator and the tools that import it still
+score explanations on a machine without it (the lent GPU machines, whose carry has no room for
+its wheel), with heatmap images off. Figures are drawn on a
 bare Agg canvas (not pyplot), so that no global backend or figure registry is touched, and saved
 atomically. A detector's explained detection is drawn on the input and on every heatmap of its
 image (PIL), with its class and score.
@@ -8,7 +11,6 @@ image (PIL), with its class and score.
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,8 +50,19 @@ class ExplanationSample:
     box_caption: str = ""
 
 
+def _opencv():
+    try:
+        import cv2
+        return cv2
+    except ImportError as error:
+        raise ImportError(
+            "heatmap overlays need OpenCV (pip install opencv-python-headless); without it, set "
+            "TEST.EXPLAIN.VIS_PER_CLASS 0 (tools/explain.py: --vis-per-class 0)"
+        ) from error
+
+
 def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5,
-                    colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
+                    colormap: Optional[int] = None) -> np.ndarray:
     """
     Blend an OpenCV colour map of ``saliency01`` (values in [0, 1], resized bilinearly to the
     image if needed) over the image: alpha * heatmap + (1 - alpha) * image. Returns an (H, W, 3)
@@ -57,10 +70,10 @@ def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5,
 
     This is how pytorch-grad-cam's ``show_cam_on_image(img, mask, use_rgb=True,
     image_weight=1 - alpha)`` draws, so that our maps and Grad-CAM's look alike: the saliency is
-    quantised as ``uint8(255 * s)``, coloured by ``cv2.applyColorMap`` (BGR, turned to RGB) and
-    blended. It then divides by the blend's maximum; we do not, so that the tiles of a grid and
-    the frames of a video keep the image's own brightness instead of each being stretched by its
-    brightest pixel.
+    quantised as ``uint8(255 * s)``, coloured by ``cv2.applyColorMap`` (BGR, turned to RGB;
+    ``colormap`` defaults to ``cv2.COLORMAP_JET``) and blended. It then divides by the blend's
+    maximum; we do not, so that the tiles of a grid and the frames of a video keep the image's
+    own brightness instead of each being stretched by its brightest pixel.
     """
     image = np.asarray(image_rgb_uint8)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -74,7 +87,8 @@ def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5,
     # uint8 colours and a uint8 blend (addWeighted rounds and saturates), so a large image's
     # overlay stays small
     levels = (saliency.clamp(0, 1) * 255).to(torch.uint8).numpy()  # truncates, as grad-cam does
-    heatmap = cv2.applyColorMap(levels, colormap)
+    cv2 = _opencv()
+    heatmap = cv2.applyColorMap(levels, cv2.COLORMAP_JET if colormap is None else colormap)
     cv2.cvtColor(heatmap, cv2.COLOR_BGR2RGB, dst=heatmap)
     return cv2.addWeighted(heatmap, alpha, np.ascontiguousarray(image), 1 - alpha, 0.0)
 
