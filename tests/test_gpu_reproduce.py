@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 from test_tools import _load_tool
 
 
-def _fake_run(run_dir, seconds_per_iter=0.25):
+def _fake_run(run_dir, seconds_per_iter=0.25, resumed_at=None):
     """The files a finished train_net.py run leaves, as gpu_reproduce reads them."""
     os.makedirs(os.path.join(run_dir, "explain", "ucmerced_test"))
     cfg = get_cfg()
@@ -19,6 +19,10 @@ def _fake_run(run_dir, seconds_per_iter=0.25):
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     with open(os.path.join(run_dir, "log.txt"), "w") as f:
+        f.write("[11/24 12:46:19] d2.engine.train_loop INFO: Starting training from iteration 0\n")
+        if resumed_at is not None:  # cut off, then resumed: Detectron2 appends to log.txt
+            f.write("[11/24 12:47:01] d2.engine.train_loop INFO: Starting training from "
+                    f"iteration {resumed_at}\n")
         f.write("[11/24 12:49:13] d2.engine.hooks INFO: Overall training speed: 1298 iterations "
                 f"in 0:02:53 ({seconds_per_iter:.4f} s / it)\n")
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
@@ -41,6 +45,17 @@ def test_run_summary_reads_accuracy_speed_and_explanations(tmp_path):
     assert summary["train_img_s"] == 128 / 0.25  # batch 128 over the log's wall time per iteration
     assert (summary["top1"], summary["top5"], summary["mean_class_acc"]) == (90.0, 99.0, 89.5)
     assert [row["class"] for row in summary["explanation_rows"]] == ["all", "airplane"]
+    assert summary["started_at_iterations"] == [0]
+
+
+def test_a_resumed_run_says_so_beside_its_speed_and_wall_time(tmp_path):
+    gpu_reproduce = _load_tool("gpu_reproduce")
+    run_dir = str(tmp_path / "runs" / "fal_p2p3_s0")
+    _fake_run(run_dir, seconds_per_iter=0.25, resumed_at=750)
+    summary = gpu_reproduce.summarize_run(run_dir, "configs/fal_p2p3.yaml", 0, wall_s=300.0)
+    assert summary["started_at_iterations"] == [0, 750]
+    row = gpu_reproduce.runs_markdown({"fal_p2p3_s0": summary}).splitlines()[2]
+    assert "| 512 (resumed at it. 750) | 300 (resumed at it. 750) |" in row
 
 
 def test_summary_collects_finished_runs(tmp_path):

@@ -204,6 +204,15 @@ def training_img_s(run_dir, batch_size):
     return batch_size / seconds_per_iter if seconds_per_iter else None
 
 
+def training_starts(run_dir):
+    """The iteration each training session of the run started from (Detectron2 appends to
+    log.txt). More than one means the run was cut off and resumed: its wall time and speed then
+    cover only the last session."""
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        return [int(match.group(1)) for match in
+                re.finditer(r"Starting training from iteration (\d+)", f.read())]
+
+
 def summarize_run(run_dir, config_file, seed, wall_s):
     from detectron2.config import get_cfg
 
@@ -225,7 +234,8 @@ def summarize_run(run_dir, config_file, seed, wall_s):
         "attention_levels": list(cfg.MODEL.FAL.ATTENTION_LEVELS),
         "max_iter": cfg.SOLVER.MAX_ITER,
         "batch_size": cfg.SOLVER.IMS_PER_BATCH,
-        "wall_s": wall_s,
+        "wall_s": wall_s,  # of the last call: the whole run only if it was not resumed
+        "started_at_iterations": training_starts(run_dir),
         "train_img_s": training_img_s(run_dir, cfg.SOLVER.IMS_PER_BATCH),
         "top1": final.get("classification/top1"),
         "top5": final.get("classification/top5"),
@@ -444,7 +454,8 @@ class Deadline:
 def runs_markdown(runs):
     """The runs as a Markdown table for docs/RESULTS.md: accuracy, speed, and AD / IC (%, all
     test images, whole maps) with the maps' coverage, of each explanation method and level the
-    run evaluated (the budgeted metrics are in the analysis' explanations.md)."""
+    run evaluated (the budgeted metrics are in the analysis' explanations.md). A resumed run's
+    speed and wall time are of its last session, and say where that started."""
     header = ["run", "seed", "attention levels", "top-1 %", "top-5 %", "mean per-class %",
               "train img/s", "wall s", "AD / IC (coverage) per method and level"]
 
@@ -458,9 +469,12 @@ def runs_markdown(runs):
             f"{number(row['increase_in_confidence'])}"
             + ("" if row.get("coverage") is None else f" ({row['coverage']:.2f})")
             for row in run["explanation_rows"] if row["class"] == "all")
+        starts = run.get("started_at_iterations") or [0]
+        resumed = f" (resumed at it. {starts[-1]})" if starts[-1] else ""
         cells = [f"`{name}`", str(run["seed"]), ", ".join(run["attention_levels"]) or "–",
                  number(run["top1"]), number(run["top5"]), number(run["mean_class_acc"]),
-                 number(run["train_img_s"], 0), number(run["wall_s"], 0), explanations or "–"]
+                 number(run["train_img_s"], 0) + resumed, number(run["wall_s"], 0) + resumed,
+                 explanations or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
