@@ -15,7 +15,7 @@ def add_fal_config(cfg):
     cfg.MODEL.FAL.ATTENTION_BRANCH = "ABNAttentionBranch"  # name in ATTENTION_BRANCH_REGISTRY
     cfg.MODEL.FAL.BRANCH_CHANNELS = 64  # a 1x1 conv first reduces a level to this width, keeping p2 cheap
     cfg.MODEL.FAL.BRANCH_NUM_CONVS = 2  # 3x3 convs at the reduced width before the class-response conv
-    cfg.MODEL.FAL.BRANCH_NORM = "BN"  # norm of the branch convs ("" for none, else Detectron2 get_norm names)
+    cfg.MODEL.FAL.BRANCH_NORM = "BN"  # norm of the branch convs ("" for none, else get_norm names); BN kinds also after K and M
     cfg.MODEL.FAL.ATT_LOSS_WEIGHT = 1.0  # lambda in L = L_per + sum_levels lambda * L_att(level), as in ABN
     cfg.MODEL.FAL.RESNET_ATTENTION_AFTER = "res4"  # ABN on a plain ResNet: the stage whose output is attended
 

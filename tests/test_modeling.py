@@ -7,6 +7,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import build_backbone, build_model
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.structures import Boxes, Instances
@@ -15,6 +16,7 @@ from detectron2.utils.events import EventStorage
 from fal_d2.config import check_config_against_datasets
 from fal_d2.data import ClassificationDatasetMapper, load_ucmerced
 from fal_d2.modeling import FALFPN
+from fal_d2.modeling.attention_branch import ABNAttentionBranch
 from fal_d2.predictor import FALPredictor
 
 from conftest import REPO_ROOT
@@ -294,3 +296,20 @@ def test_batched_map_resize_equals_resizing_each_map():
                                                    align_corners=False)[0, 0]
         assert batched[i].shape == output_size
         torch.testing.assert_close(batched[i], expected)
+
+
+@pytest.mark.parametrize("norm, expected", [
+    ("SyncBN", torch.nn.SyncBatchNorm),
+    ("naiveSyncBN", NaiveSyncBatchNorm),
+    ("GN", torch.nn.BatchNorm2d),  # 32 groups divide neither K nor 1
+    ("", torch.nn.BatchNorm2d),  # M keeps a normaliser before its sigmoid
+])
+def test_branch_class_response_and_map_norms_follow_branch_norm(norm, expected):
+    branch = ABNAttentionBranch(in_channels=32, num_classes=21, reduced_channels=32, norm=norm)
+    bn_keys = ABNAttentionBranch(in_channels=32, num_classes=21, reduced_channels=32).state_dict()
+    for module, channels in ((branch.class_response[1], 21), (branch.attention_map[1], 1)):
+        assert type(module) is expected
+        assert module.num_features == channels
+    # the norms' parameters and buffers keep BN's names, so a checkpoint loads under either norm
+    assert {k for k in branch.state_dict() if "convs" not in k} == \
+        {k for k in bn_keys if "convs" not in k}

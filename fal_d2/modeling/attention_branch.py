@@ -38,6 +38,19 @@ class AttentionOutput(NamedTuple):
         return torch.where((classes >= 0)[:, None, None], maps, torch.zeros_like(maps))
 
 
+# BRANCH_NORM values that are trainable BatchNorms, and so can also stand after the class response
+# and inside M (one normaliser per channel, as ABN has there).
+TRAINABLE_BATCH_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
+
+
+def per_channel_norm(norm: str, channels: int) -> nn.Module:
+    """The BatchNorm after the class response (K channels) and inside M (1 channel): of
+    ``norm``'s kind where that is a trainable BatchNorm, so that SyncBN reaches it on several
+    GPUs; a plain BatchNorm otherwise (GroupNorm's 32 groups divide neither K nor 1, and ABN's
+    map needs a normaliser before its sigmoid even when the convs have none)."""
+    return get_norm(norm if norm in TRAINABLE_BATCH_NORMS else "BN", channels)
+
+
 @ATTENTION_BRANCH_REGISTRY.register()
 class ABNAttentionBranch(nn.Module):
     """ABN's attention branch, with a channel reduction first so that high-resolution levels stay cheap.
@@ -45,7 +58,7 @@ class ABNAttentionBranch(nn.Module):
     A 3x3 conv at 256 channels on p2 would cost about half a ResNet-50 trunk, so the level is first
     reduced to ``reduced_channels`` by a 1x1 conv. Then: ``num_convs`` 3x3 convs, the class response
     (1x1 conv to K, BN, ReLU), the attention logits (1x1 conv K->K, global average pooling) and the
-    attention map M = sigmoid(BN(1x1 conv K->1)). The output is g'(x) = (1 + M(x)) * g(x): the
+    attention map M = sigmoid(BN(1x1 conv K->1)); both BNs follow ``norm`` (:func:`per_channel_norm`). The output is g'(x) = (1 + M(x)) * g(x): the
     residual form keeps the features intact where M is near 0.
     """
 
@@ -71,13 +84,13 @@ class ABNAttentionBranch(nn.Module):
         self.convs = nn.Sequential(*convs)
         self.class_response = nn.Sequential(
             nn.Conv2d(reduced_channels, num_classes, kernel_size=1, bias=False),
-            nn.BatchNorm2d(num_classes),
+            per_channel_norm(norm, num_classes),
             nn.ReLU(inplace=True),
         )
         self.class_logits = nn.Conv2d(num_classes, num_classes, kernel_size=1)
         self.attention_map = nn.Sequential(
             nn.Conv2d(num_classes, 1, kernel_size=1, bias=False),
-            nn.BatchNorm2d(1),
+            per_channel_norm(norm, 1),
             nn.Sigmoid(),
         )
 
