@@ -3,10 +3,9 @@
 Heatmaps are OpenCV colour maps, blended as pytorch-grad-cam blends them. OpenCV is imported when
 the first overlay is drawn, not with this module: the evaluator and the tools that import it still
 score explanations on a machine without it (the lent GPU machines, whose carry has no room for
-its wheel), with heatmap images off. Figures are drawn on a
-bare Agg canvas (not pyplot), so that no global backend or figure registry is touched, and saved
-atomically. A detector's explained detection is drawn on the input and on every heatmap of its
-image (PIL), with its class and score.
+its wheel), with heatmap images off. Figures are drawn on a bare Agg canvas (not pyplot), so that
+no global backend or figure registry is touched, and saved atomically. A detector's explained
+detection is drawn on the input and on every heatmap of its image (PIL), with its class and score.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple

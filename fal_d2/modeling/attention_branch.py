@@ -58,8 +58,9 @@ class ABNAttentionBranch(nn.Module):
     A 3x3 conv at 256 channels on p2 would cost about half a ResNet-50 trunk, so the level is first
     reduced to ``reduced_channels`` by a 1x1 conv. Then: ``num_convs`` 3x3 convs, the class response
     (1x1 conv to K, BN, ReLU), the attention logits (1x1 conv K->K, global average pooling) and the
-    attention map M = sigmoid(BN(1x1 conv K->1)); both BNs follow ``norm`` (:func:`per_channel_norm`). The output is g'(x) = (1 + M(x)) * g(x): the
-    residual form keeps the features intact where M is near 0.
+    attention map M = sigmoid(BN(1x1 conv K->1)); both BNs follow ``norm``
+    (:func:`per_channel_norm`). The output is g'(x) = (1 + M(x)) * g(x): the residual form keeps
+    the features intact where M is near 0.
     """
 
     @configurable
