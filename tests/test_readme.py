@@ -13,8 +13,8 @@ on the mini set (tests/data/ucmerced_mini), one image per class and split:
   ``make -n T`` prints.
 
 Weights a block loads (``MODEL.WEIGHTS``, ``--weights``, a ``.pth`` path in Python) but does not
-make itself are trained first, at a 1-iteration schedule, with the same config and overrides, so
-that they fit the model the block builds. A block opts out with an HTML comment on the lines
+make itself are trained first, briefly, with the config and model-shaping overrides of the command
+(for Python: the config the block names, unchanged), so that they fit the model the block builds. A block opts out with an HTML comment on the lines
 before its fence, ``<!-- not-tested: why -->``; any other command that this file cannot run fails
 and says so.
 """
