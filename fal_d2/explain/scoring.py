@@ -139,8 +139,8 @@ def score_explanations(
         if indices and auc_steps > 0:
             aucs = deletion_insertion_aucs(target, images, kept_maps, kept_classes, kept_boxes,
                                            auc_steps, insertion_baseline, fill)
-        kept_coverage = coverage(torch.stack(kept_maps)).cpu().double().numpy() if indices \
-            else np.zeros(0)
+        # One map at a time: a detector's images in a batch may differ in size.
+        kept_coverage = np.array([float(coverage(s[None])[0]) for s in kept_maps])
         levels[level] = LevelScores(
             saliency=normalized,
             explanation_confidence=_scattered(o, explained),
