@@ -107,7 +107,8 @@ class ToyImage:
         self.map = (SIDE * SIDE - 1 - self.rank) / (SIDE * SIDE - 1)
 
     def inputs(self):
-        image = np.stack([MEAN + STD * self.red, MEAN + STD * self.map, np.full((SIDE, SIDE), MEAN)])
+        blue = np.full((SIDE, SIDE), MEAN)
+        image = np.stack([MEAN + STD * self.red, MEAN + STD * self.map, blue])
         return {"image": torch.tensor(image, dtype=torch.float32)}
 
     def confidence(self, mask, fill="normalized"):

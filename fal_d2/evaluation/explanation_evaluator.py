@@ -73,8 +73,6 @@ def check_explain_config(cfg) -> None:
     for key in ("AUC_STEPS", "VIS_PER_CLASS"):
         if explain[key] < 0:
             raise ValueError(f"TEST.EXPLAIN.{key}={explain[key]} must be >= 0")
-
-
 VIS_MAX_SIDE = 128  # kept visualisation images and maps are downscaled to at most this many pixels
 
 
@@ -155,8 +153,7 @@ class ExplanationEvaluator(DatasetEvaluator):
             raise ValueError(f"TEST.EXPLAIN.MASK={mask!r}; expected one of {MASK_CONVENTIONS}")
         self._mask = mask
         self._budgets = check_budgets(budgets)
-        check_budget_mode(budget_mode)
-        self._budget_mode = budget_mode
+        self._budget_mode = check_budget_mode(budget_mode)
         self._metrics = list(_METRICS) + budget_metrics(self._budgets)
         self._dataset_name = dataset_name
         self._class_names = _class_names(dataset_name)

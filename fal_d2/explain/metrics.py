@@ -141,7 +141,7 @@ def budget_saliency(
         raise ValueError(f"budget mode {mode!r}; expected one of {BUDGET_MODES}")
     if not 0 < percent <= 100:
         raise ValueError(f"budget must be in (0, 100], got {percent}")
-    count = round(saliency[0].numel() * percent / 100) if len(saliency) else 0
+    count = round(saliency.shape[1:].numel() * percent / 100)
     keep = (pixel_ranks(saliency) < count).view_as(saliency)
     kept = torch.ones_like(saliency) if mode == "binary" else saliency
     return torch.where(keep, kept, torch.zeros_like(saliency))
