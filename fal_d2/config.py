@@ -65,7 +65,7 @@ def add_fal_config(cfg):
     cfg.TEST.IMS_PER_BATCH = 1  # images per inference batch per process; 1 is Detectron2's timing convention
     cfg.TEST.EXPLAIN = CN()
     cfg.TEST.EXPLAIN.ENABLED = False  # add ExplanationEvaluator beside the accuracy evaluator
-    cfg.TEST.EXPLAIN.METHODS = ["branch_cam", "attention", "gradcam", "gradcampp"]  # saliency methods (fal_d2.explain)
+    cfg.TEST.EXPLAIN.METHODS = ["branch_cam", "attention", "gradcam", "gradcampp", "random"]  # saliency methods (fal_d2.explain); "random": the control
     cfg.TEST.EXPLAIN.LEVELS = ["p2", "p3", "p4", "p5"]  # pyramid levels to explain
     cfg.TEST.EXPLAIN.TARGET = "pred"  # class explained: "pred" (predicted) or "gt" (ground truth)
     cfg.TEST.EXPLAIN.VIS_PER_CLASS = 2  # images per class drawn as heatmaps in the grid figure and report
@@ -74,6 +74,7 @@ def add_fal_config(cfg):
     cfg.TEST.EXPLAIN.INSERTION_BASELINE = "blur"  # image the insertion curve starts from: "blur" (RISE) or "zero"
     cfg.TEST.EXPLAIN.MASK = "normalized"  # masked pixels: "normalized" (mean colour, as pytorch-grad-cam/TorchCAM) or "pixel" (black)
     cfg.TEST.EXPLAIN.BUDGETS = [15, 50]  # AD/IC also with only each map's top k % of pixels kept (TAME); 100 = the whole map
+    cfg.TEST.EXPLAIN.BUDGET_MODE = "binary"  # a budget keeps its pixels at 1 ("binary": ranking only) or at their values ("valued", TAME)
 
 
 def _model_num_classes(cfg):

@@ -107,18 +107,26 @@ def test_normalized_convention_multiplies_the_normalised_image():
     assert torch.allclose(blank, mean.view(1, 3, 1, 1).expand(2, 3, 4, 4))
 
 
-def test_budget_keeps_the_top_pixels_at_their_values():
-    saliency = torch.tensor([[[0.9, 0.1], [0.5, 0.7]], [[0.2, 0.2], [0.2, 1.0]]])
-    half = budget_saliency(saliency, 50)
-    assert torch.equal(half[0], torch.tensor([[0.9, 0.0], [0.0, 0.7]]))
-    assert torch.equal(half[1], torch.tensor([[0.2, 0.0], [0.0, 1.0]]))  # ties: raster order
-    assert torch.equal(budget_saliency(saliency, 25)[0], torch.tensor([[0.9, 0.0], [0.0, 0.0]]))
-    assert budget_saliency(saliency, 100) is saliency
-    assert coverage(saliency).tolist() == pytest.approx([0.55, 0.4])
-    assert coverage(half).tolist() == pytest.approx([0.4, 0.3])
+def test_budget_modes_keep_the_top_pixels_at_one_or_at_their_values():
+    saliency = torch.tensor([[[0.9, 0.1], [0.5, 0.7]], [[0.3, 0.2], [0.0, 1.0]]])
+    binary = budget_saliency(saliency, 50)  # the default mode
+    assert torch.equal(binary, torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]]))
+    assert torch.equal(budget_saliency(saliency, 50, "binary"), binary)
+    valued = budget_saliency(saliency, 50, "valued")
+    assert torch.equal(valued, torch.tensor([[[0.9, 0.0], [0.0, 0.7]], [[0.3, 0.0], [0.0, 1.0]]]))
+    assert torch.equal(budget_saliency(saliency, 25, "valued")[0],
+                       torch.tensor([[0.9, 0.0], [0.0, 0.0]]))
+    assert torch.equal(budget_saliency(saliency, 100, "valued"), saliency)
+    assert torch.equal(budget_saliency(saliency, 100, "binary"), torch.ones_like(saliency))
+    assert coverage(saliency).tolist() == pytest.approx([0.55, 0.375])
+    assert coverage(valued).tolist() == pytest.approx([0.4, 0.325])
+    assert coverage(binary).tolist() == pytest.approx([0.5, 0.5])  # the same area for every map
     for bad in (0, -5, 101):
         with pytest.raises(ValueError, match=r"budget must be in \(0, 100\]"):
             budget_saliency(saliency, bad)
+    with pytest.raises(ValueError, match=r"budget mode 'soft'; expected one of \('binary', "
+                                         r"'valued'\)"):
+        budget_saliency(saliency, 50, "soft")
 
 
 def test_mask_fill_of_each_convention():

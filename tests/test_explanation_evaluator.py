@@ -1,5 +1,6 @@
 """ExplanationEvaluator and tools/explain.py on tiny random models and a synthetic dataset."""
 import datetime
+import itertools
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ from detectron2.modeling import build_model
 from conftest import REPO_ROOT, TINY_OVERRIDES, load_script, make_tiny_cfg
 from fal_d2.data import ClassificationDatasetMapper
 from fal_d2.evaluation import ExplanationEvaluator
+from fal_d2.evaluation.random_control import CONTROL_MARK, CONTROL_NOTE
 from fal_d2.explain import GradCAM
 from fal_d2.explain.scoring import score_explanations
 
@@ -108,6 +110,7 @@ def test_metrics_rows_and_files(records, tmp_path):
     written = json.loads((tmp_path / "explanation_metrics.json").read_text())
     assert written["dataset"] == DATASET and written["target"] == "pred"
     assert written["mask"] == "normalized" and written["budgets"] == [15, 50]
+    assert written["budget_mode"] == "binary"
     drops = written["per_image_drop"]["gradcam/p4/average_drop_top15"]
     assert sorted(drops) == sorted(record["image_id"] for record in records)
     assert np.mean(list(drops.values())) == pytest.approx(budget.drop.mean() if percent == 15
@@ -233,30 +236,47 @@ def test_explain_tool_end_to_end(records, tmp_path):
         "--weights", str(weights),
         "--compare-config", os.path.join(REPO_ROOT, "configs", "fpn_baseline.yaml"),
         "--dataset", DATASET, "--class-name", "beach", "--methods", "attention", "gradcam",
-        "--levels", "p2", "p3", "--max-images", "3", "--auc-steps", "0", "--vis-per-class", "1",
+        "random", "--levels", "p2", "p3", "--max-images", "3", "--auc-steps", "0",
+        "--vis-per-class", "1", "--budget-mode", "valued",
         "--allow-random-weights",  # the --compare model has no weights
         "--output", str(output), *opts,
     ])
 
     assert sorted(os.listdir(output)) == [
-        "fal_p2p3", "fpn_baseline", "grid_attention.png", "grid_gradcam.png",
+        "fal_p2p3", "fpn_baseline", "grid_attention.png", "grid_gradcam.png", "grid_random.png",
         "layer_analysis.csv", "layer_analysis.json", "layer_analysis.md",
     ]
     table = json.loads((output / "layer_analysis.json").read_text())
     assert table["rows"] == rows
     assert {(r["model"], r["method"], r["level"], r["class"]) for r in rows} == {
         (model, method, level, class_name)
-        for model, methods in [("fal_p2p3", ["attention", "gradcam"]),
-                               ("fpn_baseline", ["gradcam"])]
+        for model, methods in [("fal_p2p3", ["attention", "gradcam", "random"]),
+                               ("fpn_baseline", ["gradcam", "random"])]
         for method in methods for level in ["p2", "p3"] for class_name in ["all", "beach"]
     }
+    # The random control is the same map for both models: only the models' confidences differ.
+    for model in ("fal_p2p3", "fpn_baseline"):
+        metrics = json.loads((output / model / "explanation_metrics.json").read_text())
+        assert metrics["budget_mode"] == "valued"
     # --max-images 3 takes one image of each class in turn
     assert all(r["num_images"] == (3 if r["class"] == "all" else 1) for r in rows)
     assert all(r["deletion_auc"] is None for r in rows)  # --auc-steps 0
     markdown = (output / "layer_analysis.md").read_text()
     assert "| fal_p2p3 " in markdown and "AD % top 15 %" in markdown
-    assert "Mask convention: normalized; budgets: top 15, 50 %" in markdown
-    assert (table["mask"], table["budgets"]) == ("normalized", [15, 50])
+    assert ("Mask convention: normalized; budgets: top 15, 50 % of each map's pixels (valued: "
+            "kept pixels at their map values)") in markdown
+    assert (table["mask"], table["budgets"], table["budget_mode"]) == ("normalized", [15, 50],
+                                                                       "valued")
+    assert CONTROL_NOTE in markdown
+    lines = {tuple(cell.strip() for cell in line.split("|")[1:5]): line
+             for line in markdown.splitlines() if line.startswith("| fal_p2p3 ")
+             or line.startswith("| fpn_baseline ")}
+    by_key = {(r["model"], r["method"], r["level"], r["class"]): r for r in rows}
+    for (key, row), metric in itertools.product(by_key.items(), ["average_drop_top15",
+                                                                "average_drop_top50"]):
+        control = by_key[(key[0], "random", key[2], key[3])]
+        marked = key[1] != "random" and row[metric] >= control[metric]
+        assert (f"{row[metric]:.2f} {CONTROL_MARK}" in lines[key]) == marked
     assert table["win_reference"] == "gradcam of fpn_baseline"
     for row in rows:
         reference = (row["model"], row["method"]) == ("fpn_baseline", "gradcam")
@@ -265,8 +285,9 @@ def test_explain_tool_end_to_end(records, tmp_path):
                 assert row[key] is None
             else:  # a percentage of the 3 images
                 assert row[key] in (0.0, pytest.approx(100 / 3), pytest.approx(200 / 3), 100.0)
-    csv_header = (output / "layer_analysis.csv").read_text().splitlines()[0]
-    assert csv_header.startswith("model,method,level,class")
+    csv_lines = (output / "layer_analysis.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,method,level,class")
+    assert csv_lines[0].endswith(",budget_mode") and csv_lines[1].endswith(",valued")
     for name in ["grid_attention.png", "grid_gradcam.png", "fpn_baseline/grid_gradcam.png"]:
         with Image.open(output / name) as image:
             image.verify()
@@ -275,6 +296,28 @@ def test_explain_tool_end_to_end(records, tmp_path):
         _load_tool().main(["--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
                            "--dataset", DATASET, "--class-name", "desert",
                            "--allow-random-weights", "--output", str(output), *opts])
+
+
+def test_table_marks_maps_that_do_not_beat_the_random_control(tmp_path):
+    """Also for a table from before the budget mode was recorded: its budgets kept the pixels at
+    their values."""
+    rows = [{"model": "m", "method": method, "level": level, "class": "all",
+             "average_drop_top15": drop, "increase_in_confidence_top15": 0.0,
+             "average_drop": drop, "increase_in_confidence": 0.0, "num_images": 2}
+            for method, level, drop in [("gradcam", "p2", 30.0), ("gradcam", "p3", 50.0),
+                                        ("random", "p2", 40.0), ("random", "p3", 50.0)]]
+    markdown = _load_tool().write_table(
+        rows, str(tmp_path), DATASET, None,
+        protocol={"mask": "pixel", "budgets": [15.0], "win_reference": "gradcam of m"})
+    lines = [line for line in markdown.splitlines() if line.startswith("| m ")]
+    assert f"30.00 {CONTROL_MARK}" not in lines[0]  # below the random map's 40
+    assert f"50.00 {CONTROL_MARK}" in lines[1]  # a tie does not beat the control
+    assert CONTROL_MARK not in lines[2] + lines[3]  # the control itself
+    assert CONTROL_NOTE in markdown
+    assert "(valued: kept pixels at their map values)" in markdown
+    assert json.loads((tmp_path / "layer_analysis.json").read_text())["budget_mode"] == "valued"
+    without_control = _load_tool().write_table(rows[:2], str(tmp_path), DATASET, None)
+    assert CONTROL_MARK not in without_control
 
 
 def test_batched_test_loader_gives_the_same_metrics_as_batch_one(records):
@@ -315,6 +358,8 @@ def test_batched_test_loader_rejects_a_zero_batch(records):
 
 @pytest.mark.parametrize("key, value, message", [
     ("MASK", "black", r"TEST.EXPLAIN.MASK='black'; expected one of \('normalized', 'pixel'\)"),
+    ("BUDGET_MODE", "soft",
+     r"TEST.EXPLAIN.BUDGET_MODE='soft'; expected one of \('binary', 'valued'\)"),
     ("BUDGETS", [15, 0], r"TEST.EXPLAIN.BUDGETS: \[0\] outside \(0, 100\]"),
     ("BUDGETS", [150], r"TEST.EXPLAIN.BUDGETS: \[150\] outside \(0, 100\]"),
     ("METHODS", ["gradcm"], r"TEST.EXPLAIN.METHODS: unknown method\(s\) \['gradcm'\]"),

@@ -129,8 +129,12 @@ def test_comparison_summary_means_over_seeds_and_takes_the_reference_once(tmp_pa
         for seed in (0, 1))
     table = (tmp_path / "explanations.md").read_text().splitlines()
     assert table[0] == "### Mask convention: normalized"
-    assert table[2].startswith("| model | method | level | seeds | AD 15 % | IC 15 % | Win 15 % |")
-    by_model = {line.split(" | ")[0][2:]: line for line in table[4:] if line}
+    # Tables from before the budget mode was recorded kept the budget's pixels at their values.
+    assert table[2] == "Budgets: top 15 % of each map's pixels (valued: kept pixels at their map " \
+                       "values)."
+    assert all(r["budget_mode"] == "valued" for r in records)
+    assert table[4].startswith("| model | method | level | seeds | AD 15 % | IC 15 % | Win 15 % |")
+    by_model = {line.split(" | ")[0][2:]: line for line in table[6:] if line}
     assert by_model["fal_p2p3"].startswith("| fal_p2p3 | gradcam | p2 | 2 | 15.0 ± 5.0 | 1.0 ± 0.0 | – |")
     assert " | 2 | 60.0 ± 10.0 | " in by_model["fpn_baseline"]
     assert json.loads((tmp_path / "explanations.json").read_text()) == records

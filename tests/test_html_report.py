@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from fal_d2.evaluation.random_control import CONTROL_MARK, CONTROL_NOTE
 from fal_d2.evaluation.report import render_html_report, write_evaluation_report, write_html_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -411,6 +413,22 @@ def test_sections_are_optional_and_bad_matrix_is_rejected(tmp_path):
         )
 
 
+def test_budget_mode_is_named_and_maps_not_beating_the_random_control_are_marked():
+    rows = [{"method": method, "level": level, "class": class_name, "average_drop_top50": drop,
+             "increase_in_confidence_top50": 10.0, "average_drop": drop, "num_images": 4}
+            for method, level, drop in [("gradcam", "p2", 20.0), ("gradcam", "p3", 45.0),
+                                        ("random", "p2", 30.0), ("random", "p3", 40.0)]
+            for class_name in ("all", "beach")]
+    text = render_html_report(title="t", explanation_rows=rows, explanation_budget_mode="binary")
+    assert "Budgets: top 50 % of each map&#x27;s pixels (binary: kept pixels at 1)." in text
+    assert html.escape(CONTROL_NOTE, quote=True) in text
+    marked = re.findall(r"<td[^>]*>([0-9.]+) " + CONTROL_MARK + "</td>", text)
+    # gradcam at p3 (45 >= 40), in its overall and its per-class table; never whole-map columns
+    assert marked == ["45.00", "45.00"]
+    without_control = render_html_report(title="t", explanation_rows=rows[:4])
+    assert CONTROL_MARK not in without_control and "Budgets:" not in without_control
+
+
 def test_evaluation_report_is_assembled_from_evaluator_outputs(tmp_path):
     inputs = sample_report_inputs(tmp_path)
     inference_dir, explain_dir = tmp_path / "inference", tmp_path / "explain"
@@ -433,6 +451,9 @@ def test_evaluation_report_is_assembled_from_evaluator_outputs(tmp_path):
     assert page.count("data:image/png;base64,") == 1
     assert "Heatmaps: gradcam" in page
     assert "Mask convention: normalized: E multiplies the normalised input" in page
+    # A metrics file from before the budget mode was recorded: its budgets kept the map values.
+    assert "Budgets: top 15 % of each map&#x27;s pixels (valued: kept pixels at their map " \
+           "values)." in page
     for name in CLASS_NAMES:
         assert html.escape(name) in page
     # Without an explanation folder the accuracy part still renders.

@@ -4,9 +4,11 @@
 This is the paper's Table 1: Average Drop % and Increase in Confidence % (Grad-CAM++), plus RISE
 deletion/insertion AUC, for every explained level, over all classes and for one chosen class. AD
 and IC reward maps that keep more of the image, so the table also gives each map's coverage, and
-AD and IC with only its top k % of pixels kept (TEST.EXPLAIN.BUDGETS; the headline columns), and
+AD and IC with only its top k % of pixels kept (TEST.EXPLAIN.BUDGETS; the headline columns; kept
+at 1 by default, so that only the maps' rankings are compared, see TEST.EXPLAIN.BUDGET_MODE), and
 Win %: how often a map's drop is smaller than that of the reference map (--win-reference, Grad-CAM
-by default) at the same level, of the --compare model when one is given, on the same image.
+by default) at the same level, of the --compare model when one is given, on the same image. The
+"random" method is the control: a budgeted AD that does not beat its AD is marked.
 Masked pixels become the mean colour (TEST.EXPLAIN.MASK "normalized", as pytorch-grad-cam and
 TorchCAM) or black ("pixel").
 Detectors (FALRCNN, FALRetinaNet, their plain-FPN versions) explain each image's top detection,
@@ -54,11 +56,17 @@ from fal_d2.checkpoint import check_weights_given, load_weights
 from fal_d2.config import add_fal_config, merge_config_file
 from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
 from fal_d2.evaluation import ExplanationEvaluator
-from fal_d2.evaluation.budgets import budget_suffix, check_budgets
+from fal_d2.evaluation.budgets import (
+    budget_suffix,
+    check_budgets,
+    describe_budgets,
+    table_budget_mode,
+)
 from fal_d2.evaluation.explanation_evaluator import check_explain_config
+from fal_d2.evaluation.random_control import CONTROL_MARK, CONTROL_NOTE, RandomControl
 from fal_d2.explain import SALIENCY_METHODS
 from fal_d2.explain.faithfulness import MASK_CONVENTIONS
-from fal_d2.explain.metrics import win_rate
+from fal_d2.explain.metrics import BUDGET_MODES, win_rate
 from fal_d2.explain.visualize import explanation_grid, save_grid_figure
 from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text
 
@@ -140,6 +148,10 @@ def get_parser():
     parser.add_argument("--budgets", type=float, nargs="+", metavar="K",
                         help="also score each map with only its top K %% of pixels "
                              "(default: TEST.EXPLAIN.BUDGETS)")
+    parser.add_argument("--budget-mode", choices=BUDGET_MODES,
+                        help="a budget keeps its pixels at 1 ('binary': only the ranking counts) "
+                             "or at their values ('valued', TAME's rule) "
+                             "(default: TEST.EXPLAIN.BUDGET_MODE)")
     parser.add_argument("--win-reference", default="gradcam", metavar="METHOD",
                         help="Win %% compares every map's drop with this method's at the same "
                              "level, of the --compare model if given (default: gradcam)")
@@ -163,7 +175,8 @@ def setup_cfg(config_file, weights, args):
         cfg.MODEL.WEIGHTS = weights
     for key, value in [("METHODS", args.methods), ("LEVELS", args.levels), ("TARGET", args.target),
                        ("VIS_PER_CLASS", args.vis_per_class), ("AUC_STEPS", args.auc_steps),
-                       ("MASK", args.mask), ("BUDGETS", args.budgets)]:
+                       ("MASK", args.mask), ("BUDGETS", args.budgets),
+                       ("BUDGET_MODE", args.budget_mode)]:
         if value is not None:
             cfg.TEST.EXPLAIN[key] = value
     check_explain_config(cfg)
@@ -237,40 +250,51 @@ def explain_model(cfg, model, dataset_name, dataset_dicts, output_dir, label):
 def write_table(rows, output_dir, dataset_name, class_name, skipped=None, protocol=None):
     """
     The table as Markdown, CSV and JSON (atomically). ``skipped`` maps each detector's label to
-    its number of images without a detection; ``protocol`` holds the mask convention, budgets and
-    Win % reference the rows were measured with.
+    its number of images without a detection; ``protocol`` holds the mask convention, budgets,
+    budget mode and Win % reference the rows were measured with (no budget mode: "valued", what
+    wrote tables before it was recorded). Budgeted ADs that do not beat the random control's are
+    marked in the Markdown.
     """
     protocol = protocol or {"mask": None, "budgets": [], "win_reference": None}
+    budget_mode = table_budget_mode(protocol)
     columns = table_columns(protocol["budgets"])
     keys = [key for key, _, _ in columns]
     titles = [title for _, title, _ in columns]
+    control = RandomControl(rows)
 
     def formatted(row):
-        return ["" if row.get(key) is None else format(row[key], spec)
-                for key, _, spec in columns]
+        cells = []
+        for key, _, spec in columns:
+            text = "" if row.get(key) is None else format(row[key], spec)
+            cells.append(f"{text} {CONTROL_MARK}" if control.not_beaten(row, key) else text)
+        return cells
 
     title = f"Explanation quality on '{dataset_name}'"
     if class_name:
         title += f" (class {class_name!r} and all classes)"
     markdown = f"# {title}\n\n"
     if protocol["mask"]:
-        markdown += (f"Mask convention: {protocol['mask']}; budgets: top "
-                     f"{', '.join(f'{p:g}' for p in protocol['budgets']) or '–'} % of each map's "
-                     f"pixels; Win % against {protocol['win_reference']}.\n\n")
+        markdown += (f"Mask convention: {protocol['mask']}; budgets: "
+                     f"{describe_budgets(protocol['budgets'], budget_mode)}; Win % against "
+                     f"{protocol['win_reference']}.\n\n")
     markdown += tabulate([formatted(row) for row in rows], headers=titles,
                          tablefmt="github", disable_numparse=True) + "\n"
+    if control:
+        markdown += f"\n{CONTROL_NOTE}\n"
     if skipped:
         markdown += "\nDetectors explain each image's top detection; images without one: " + \
             ", ".join(f"{label} {count}" for label, count in skipped.items()) + "\n"
     atomic_write_text(os.path.join(output_dir, "layer_analysis.md"), markdown)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(keys)
-    writer.writerows([["" if row.get(key) is None else row[key] for key in keys] for row in rows])
+    writer.writerow(keys + ["budget_mode"])
+    writer.writerows([["" if row.get(key) is None else row[key] for key in keys] + [budget_mode]
+                      for row in rows])
     atomic_write_text(os.path.join(output_dir, "layer_analysis.csv"), buffer.getvalue())
     atomic_write_json(os.path.join(output_dir, "layer_analysis.json"),
                       {"dataset": dataset_name, "class_name": class_name, **protocol,
-                       "num_images_skipped": skipped or {}, "rows": rows})
+                       "budget_mode": budget_mode, "num_images_skipped": skipped or {},
+                       "rows": rows})
     return markdown
 
 
@@ -303,10 +327,11 @@ def main(argv=None):
     if args.compare_config:
         configs.append((args.compare_config, args.compare_weights))
     cfgs = [setup_cfg(config_file, weights, args) for config_file, weights in configs]
-    for key in ("MASK", "BUDGETS"):
+    for key in ("MASK", "BUDGETS", "BUDGET_MODE"):
         if len({str(cfg.TEST.EXPLAIN[key]) for cfg in cfgs}) > 1:
             raise ValueError(f"TEST.EXPLAIN.{key} differs between the two configs; the models "
-                             f"must be compared under one protocol (set --{key.lower()})")
+                             f"must be compared under one protocol (set "
+                             f"--{key.lower().replace('_', '-')})")
 
     dataset_name = args.dataset or cfgs[0].DATASETS.TEST[0]
     if dataset_name not in DatasetCatalog.list():
@@ -337,6 +362,7 @@ def main(argv=None):
     budgets = check_budgets(cfgs[0].TEST.EXPLAIN.BUDGETS)
     add_win_rates(rows, dict(models), reference_label, args.win_reference, budgets)
     protocol = {"mask": cfgs[0].TEST.EXPLAIN.MASK, "budgets": budgets,
+                "budget_mode": cfgs[0].TEST.EXPLAIN.BUDGET_MODE,
                 "win_reference": f"{args.win_reference} of {reference_label}"}
     print(write_table(rows, args.output, dataset_name, args.class_name, skipped, protocol))
     paths = write_grids(models, args.output, dataset_name)

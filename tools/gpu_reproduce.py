@@ -17,9 +17,10 @@ Stages:
   analysis  tools/explain.py's layer analysis of the first FPN baseline run, tools/select_levels.py
             on it, then, for every seed with the runs, FAL (fal_p2p3) and FAL with the
             faithful-map objective (fal_p2p3_faithful) each against the FPN baseline of the same
-            seed: Grad-CAM, the attention map M and the branch class map at p2 and p3, in both
-            mask conventions, with budgets, coverage, Win % and deletion/insertion AUC
-            (explanations.json and explanations.md: means over the seeds), and heatmap grids.
+            seed: Grad-CAM, the attention map M, the branch class map and the random control
+            at p2 and p3, in both mask conventions, with budgets, coverage, Win % and
+            deletion/insertion AUC (explanations.json and explanations.md: means over the
+            seeds), and heatmap grids.
 
 Every stage writes JSON under --output. Re-running with the same --output skips finished runs,
 and a run that was cut off resumes from its last checkpoint. ``--deadline-s`` stops starting runs
@@ -48,7 +49,11 @@ TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TOOLS_DIR)
 sys.path.insert(0, REPO_ROOT)
 
-from fal_d2.evaluation.budgets import budget_suffix  # noqa: E402
+from fal_d2.evaluation.budgets import (  # noqa: E402
+    budget_suffix,
+    describe_budgets,
+    table_budget_mode,
+)
 from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # (config, seed) of each run, in the order they are made: the pairs the comparison needs first.
@@ -77,7 +82,7 @@ ANALYSED_RUNS = ("fpn_baseline_s0", "fal_p2p3_s0")  # the analysis needs these t
 COMPARED = ("fal_p2p3", "fal_p2p3_faithful")
 REFERENCE = "fpn_baseline"
 COMPARED_LEVELS = ["p2", "p3"]
-COMPARED_METHODS = ["gradcam", "attention", "branch_cam"]
+COMPARED_METHODS = ["gradcam", "attention", "branch_cam", "random"]  # random: the control
 MASKS = ("normalized", "pixel")
 BENCHMARK_CONFIGS = ["configs/fpn_baseline.yaml", "configs/fal_p2p3.yaml", "configs/fal_all.yaml",
                      "configs/fal_p2p3_faithful.yaml"]
@@ -303,7 +308,7 @@ def stage_analysis(args, output_dir):
             os.path.join(layer_dir, "layer_analysis.json")):
         run_logged(explain + auc_steps("normalized") + [
                        "--config-file", RUNS["fpn_baseline_s0"][0], "--weights", baseline,
-                       "--methods", "gradcam", "gradcampp", "--output", layer_dir,
+                       "--methods", "gradcam", "gradcampp", "random", "--output", layer_dir,
                        *common_opts(args)],
                    os.path.join(analysis_dir, "layer_analysis_log.txt"))
         metrics = [os.path.join(root, name) for root, _, names in os.walk(layer_dir)
@@ -360,8 +365,9 @@ def summarize_comparison(analysis_dir):
                 if any(r["key"] == key for r in records):
                     continue  # the reference, already taken from another comparison
                 records.append({"key": key, "model": model, "seed": seed, "mask": mask,
-                                "budgets": table["budgets"], **{k: v for k, v in row.items()
-                                                                if k not in ("model", "class")}})
+                                "budgets": table["budgets"],
+                                "budget_mode": table_budget_mode(table),
+                                **{k: v for k, v in row.items() if k not in ("model", "class")}})
     for record in records:
         del record["key"]
     atomic_write_json(os.path.join(analysis_dir, "explanations.json"), records)
@@ -395,6 +401,7 @@ def comparison_markdown(records):
         if not rows:
             continue
         lines += [f"### Mask convention: {mask}", "",
+                  f"Budgets: {describe_budgets(budgets, table_budget_mode(rows[0]))}.", "",
                   "| model | method | level | seeds | " + " | ".join(t for _, t in columns) + " |",
                   "|" + " --- |" * (4 + len(columns))]
         groups = {}

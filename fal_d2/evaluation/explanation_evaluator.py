@@ -34,7 +34,12 @@ from fal_d2.explain.visualize import (
     sample_overlay,
     save_grid_figure,
 )
-from fal_d2.evaluation.budgets import budget_metrics, budget_suffix, check_budgets
+from fal_d2.evaluation.budgets import (
+    budget_metrics,
+    budget_suffix,
+    check_budget_mode,
+    check_budgets,
+)
 from fal_d2.evaluation.labels import checked_label
 from fal_d2.utils.atomic_io import atomic_write_bytes, atomic_write_json
 
@@ -59,6 +64,7 @@ def check_explain_config(cfg) -> None:
     if explain.MASK not in MASK_CONVENTIONS:
         raise ValueError(f"TEST.EXPLAIN.MASK={explain.MASK!r}; expected one of {MASK_CONVENTIONS}")
     check_budgets(explain.BUDGETS)
+    check_budget_mode(explain.BUDGET_MODE)
     if explain.TARGET not in TARGETS:
         raise ValueError(f"TEST.EXPLAIN.TARGET={explain.TARGET!r}; expected one of {TARGETS}")
     if explain.INSERTION_BASELINE not in INSERTION_BASELINES:
@@ -81,8 +87,9 @@ class ExplanationEvaluator(DatasetEvaluator):
     batch's inputs (with gradients enabled inside ``process``); the model outputs passed to
     ``process`` are not used.
 
-    Maps are also scored at fixed budgets (their top k % of pixels), and every row reports the
-    maps' coverage: AD and IC reward maps that keep more of the image.
+    Maps are also scored at fixed budgets (their top k % of pixels; by default kept at 1, so that
+    only the maps' rankings are compared), and every row reports the maps' coverage: AD and IC of
+    the whole map reward maps that keep more of the image.
 
     The state is a (method-level, class, metric) array of sums, each image's Average Drops (for
     Win % between models, a few numbers per image) and at most ``vis_per_class`` downscaled
@@ -109,6 +116,7 @@ class ExplanationEvaluator(DatasetEvaluator):
         insertion_baseline: str = "blur",
         mask: str = "normalized",
         budgets: Sequence[float] = (15, 50),
+        budget_mode: str = "binary",
     ):
         """
         Args:
@@ -129,6 +137,9 @@ class ExplanationEvaluator(DatasetEvaluator):
             mask: what masked pixels become: "normalized" (the mean colour: pytorch-grad-cam's and
                 TorchCAM's convention) or "pixel" (black).
             budgets: percentages of each map's top pixels at which AD and IC are also reported.
+            budget_mode: "binary" (a budget keeps its pixels at 1: the ranking alone counts) or
+                "valued" (at their values, TAME's rule); see
+                :func:`fal_d2.explain.metrics.budget_saliency`.
         """
         if target not in TARGETS:
             raise ValueError(f"TEST.EXPLAIN.TARGET={target!r}; expected one of {TARGETS}")
@@ -142,6 +153,7 @@ class ExplanationEvaluator(DatasetEvaluator):
             raise ValueError(f"TEST.EXPLAIN.MASK={mask!r}; expected one of {MASK_CONVENTIONS}")
         self._mask = mask
         self._budgets = check_budgets(budgets)
+        self._budget_mode = check_budget_mode(budget_mode)
         self._metrics = list(_METRICS) + budget_metrics(self._budgets)
         self._dataset_name = dataset_name
         self._class_names = _class_names(dataset_name)
@@ -196,6 +208,7 @@ class ExplanationEvaluator(DatasetEvaluator):
             insertion_baseline=explain.INSERTION_BASELINE,
             mask=explain.MASK,
             budgets=explain.BUDGETS,
+            budget_mode=explain.BUDGET_MODE,
         )
 
     def _build_explainers(self, model, methods: List[str], levels: List[str]):
@@ -246,7 +259,7 @@ class ExplanationEvaluator(DatasetEvaluator):
             for name, method in self._explainers:
                 scores = score_explanations(
                     self._model, inputs, method, targets, self._auc_steps,
-                    self._insertion_baseline, self._mask, self._budgets,
+                    self._insertion_baseline, self._mask, self._budgets, self._budget_mode,
                 )
                 explained = scores.explained
                 classes = labels if labels is not None else [
@@ -422,6 +435,7 @@ class ExplanationEvaluator(DatasetEvaluator):
                 "insertion_baseline": self._insertion_baseline,
                 "mask": self._mask,
                 "budgets": self._budgets,
+                "budget_mode": self._budget_mode,
                 "rows": self.rows,
                 "per_image_drop": self.per_image_drops,
             },

@@ -17,7 +17,13 @@ import os
 import re
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
-from fal_d2.evaluation.budgets import budget_suffix, table_budgets
+from fal_d2.evaluation.budgets import (
+    budget_suffix,
+    describe_budgets,
+    table_budget_mode,
+    table_budgets,
+)
+from fal_d2.evaluation.random_control import CONTROL_MARK, CONTROL_NOTE, RandomControl
 from fal_d2.utils.atomic_io import atomic_write_text
 
 __all__ = ["render_html_report", "write_evaluation_report", "write_html_report"]
@@ -29,6 +35,7 @@ METHOD_TITLES = {
     "attention": "Attention map M",
     "branch_cam": "Branch class map",
     "fused": "Fused",
+    "random": "Random control",
 }
 # (row key, column title, short title for the wide per-class tables, higher is better; None:
 # neither, no best value is marked). The budgeted columns come first: see explanation_metrics.
@@ -232,7 +239,16 @@ def _best_values(rows: Sequence[dict], metrics) -> dict:
     return best
 
 
-def _overall_table(rows: Sequence[dict]) -> str:
+def _metric_cell(row: dict, key: str, control: RandomControl, classes: Sequence[str] = ()) -> str:
+    """A metric's cell, with :data:`CONTROL_MARK` when it does not beat the random control."""
+    value = row.get(key)
+    if control.not_beaten(row, key):
+        return _cell(f"{_format(value)} {CONTROL_MARK}", classes=classes,
+                     title="not below the random control's Average Drop")
+    return _cell(value, classes=classes)
+
+
+def _overall_table(rows: Sequence[dict], control: RandomControl) -> str:
     rows = sorted(rows, key=lambda row: _level_order(row["level"]))
     metrics = explanation_metrics(rows)
     best = _best_values(rows, metrics)
@@ -244,9 +260,8 @@ def _overall_table(rows: Sequence[dict]) -> str:
     body = [
         _cell(row["level"], classes=["name"])
         + "".join(
-            _cell(
-                row.get(key), classes=["best"] if key in best and row.get(key) == best[key] else []
-            )
+            _metric_cell(row, key, control,
+                         ["best"] if key in best and row.get(key) == best[key] else [])
             for key, _, _, _ in metrics
         )
         + _cell(row.get("num_images"))
@@ -255,7 +270,7 @@ def _overall_table(rows: Sequence[dict]) -> str:
     return _table([header], body)
 
 
-def _per_class_table(rows: Sequence[dict]) -> str:
+def _per_class_table(rows: Sequence[dict], control: RandomControl) -> str:
     """Rows = classes; for each level, the metrics that this method computed for some class."""
     classes = list(dict.fromkeys(row["class"] for row in rows))
     levels = sorted({row["level"] for row in rows}, key=_level_order)
@@ -273,7 +288,7 @@ def _per_class_table(rows: Sequence[dict]) -> str:
     body = [
         _cell(name, classes=["name"])
         + "".join(
-            _cell(by_key.get((name, level), {}).get(key))
+            _metric_cell(by_key.get((name, level), {}), key, control)
             for level in levels
             for key, _, _, _ in metrics
         )
@@ -291,7 +306,9 @@ MASK_DESCRIPTIONS = {
 }
 
 
-def _explanation_section(explanation_rows: Sequence[dict], mask: Optional[str] = None) -> str:
+def _explanation_section(explanation_rows: Sequence[dict], mask: Optional[str] = None,
+                         budget_mode: Optional[str] = None) -> str:
+    control = RandomControl(explanation_rows)
     parts = [
         '<h2 id="explanations">Explanation quality by pyramid level</h2>',
         "<p>Average Drop % and Deletion AUC: lower is better; Increase in Confidence % and "
@@ -302,6 +319,11 @@ def _explanation_section(explanation_rows: Sequence[dict], mask: Optional[str] =
     if mask:
         parts.append(f"<p>Mask convention: {_escape(mask)}: "
                      f"{_escape(MASK_DESCRIPTIONS.get(mask, ''))}.</p>")
+    if budget_mode:
+        budgets = describe_budgets(table_budgets(explanation_rows), budget_mode)
+        parts.append(f"<p>Budgets: {_escape(budgets)}.</p>")
+    if control:
+        parts.append(f"<p>{_escape(CONTROL_NOTE)}</p>")
     for method in sorted({row["method"] for row in explanation_rows}, key=_method_order):
         method_rows = [row for row in explanation_rows if row["method"] == method]
         overall = [row for row in method_rows if row["class"] == "all"]
@@ -309,12 +331,12 @@ def _explanation_section(explanation_rows: Sequence[dict], mask: Optional[str] =
         method_title = _escape(METHOD_TITLES.get(method, method))
         parts.append(f"<h3>{method_title}</h3>")
         if overall:
-            parts.append(_overall_table(overall))
+            parts.append(_overall_table(overall, control))
         if per_class:
             # Collapsed: 21 classes per method would bury the per-level summary tables.
             parts.append(
                 f"<details><summary>Per-class metrics, {method_title}</summary>"
-                f"{_per_class_table(per_class)}</details>"
+                f"{_per_class_table(per_class, control)}</details>"
             )
     return "\n".join(parts)
 
@@ -346,6 +368,7 @@ def render_html_report(
     images: Sequence[Tuple[str, str]] = (),
     notes: Union[None, str, Sequence[str]] = None,
     explanation_mask: Optional[str] = None,
+    explanation_budget_mode: Optional[str] = None,
 ) -> str:
     """The report's HTML text; see :func:`write_html_report` for the arguments."""
     sections = []  # (anchor, navigation label, html)
@@ -367,7 +390,7 @@ def render_html_report(
     if explanation_rows:
         sections.append(
             ("explanations", "Explanation quality",
-             _explanation_section(explanation_rows, explanation_mask))
+             _explanation_section(explanation_rows, explanation_mask, explanation_budget_mode))
         )
     if images:
         sections.append(("heatmaps", "Heatmaps", _images_section(images)))
@@ -404,6 +427,7 @@ def write_html_report(
     images: Sequence[Tuple[str, str]] = (),
     notes: Union[None, str, Sequence[str]] = None,
     explanation_mask: Optional[str] = None,
+    explanation_budget_mode: Optional[str] = None,
 ) -> None:
     """
     Write one self-contained HTML report atomically (a reader never sees a half-written page).
@@ -419,6 +443,7 @@ def write_html_report(
         images: ``(caption, image_path)`` pairs, e.g. heatmap grid PNGs; each is embedded.
         notes: a paragraph or a list of paragraphs shown under the title (config, checkpoint, ...).
         explanation_mask: the mask convention the explanation rows were measured with.
+        explanation_budget_mode: their budget mode ("binary" or "valued").
     Sections whose argument is None or empty are left out.
     """
     text = render_html_report(
@@ -429,6 +454,7 @@ def write_html_report(
         images=images,
         notes=notes,
         explanation_mask=explanation_mask,
+        explanation_budget_mode=explanation_budget_mode,
     )
     atomic_write_text(path, text)
 
@@ -462,6 +488,7 @@ def write_evaluation_report(
         images=[(f"Heatmaps: {os.path.basename(p)[len('grid_'):-len('.png')]}", p) for p in grids],
         notes=notes,
         explanation_mask=explanation.get("mask") if explanation else None,
+        explanation_budget_mode=table_budget_mode(explanation) if explanation else None,
     )
 
 

@@ -19,6 +19,7 @@ from .detection_targets import DetectionTarget, FastRCNNBoxTarget, RetinaNetAnch
 from .fused import FusedSaliency
 from .gradcam import GradCAM
 from .gradcampp import GradCAMPlusPlus
+from .random_map import RandomSaliency
 from .targets import ClassificationTarget, ExplanationTarget, TargetScores
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "FusedSaliency",
     "GradCAM",
     "GradCAMPlusPlus",
+    "RandomSaliency",
     "RetinaNetAnchorTarget",
     "Saliency",
     "SaliencyMethod",
@@ -48,6 +50,7 @@ SALIENCY_METHODS = {
     "gradcam": GradCAM,
     "gradcampp": GradCAMPlusPlus,
     "fused": FusedSaliency,  # of Grad-CAM maps
+    "random": RandomSaliency,  # the control: a smooth random map that explains nothing
 }
 
 

@@ -5,9 +5,15 @@ Average Drop %, Increase in Confidence % and Win % follow Grad-CAM++ (Chattopadh
 is compared with its confidence O on E for the same class. S multiplies the normalised image, as in
 pytorch-grad-cam and TorchCAM (masked pixels become the mean colour), or the raw pixels (masked
 pixels become black); see :func:`explanation_images`. A map that keeps more of the image loses
-less confidence, so maps are also compared at fixed budgets (:func:`budget_saliency`). Deletion and insertion follow RISE
-(Petsiuk et al., BMVC 2018): pixels are removed from (or inserted into) the image in decreasing
-order of saliency and the target probability is integrated over the fraction of pixels changed.
+less confidence, so maps are also compared at fixed budgets (:func:`budget_saliency`): in
+the "binary" mode every map keeps the same number of pixels, all at 1, so only its ranking of
+pixels counts. Deletion and insertion follow RISE (Petsiuk et al., BMVC 2018): pixels are
+removed from (or inserted into) the image in decreasing order of saliency and the target
+probability is integrated over the fraction of pixels changed.
+
+Pixels of equal saliency are ranked in a seeded random order (:func:`pixel_ranks`), not in raster
+order: Grad-CAM after its ReLU has large zero plateaus, which raster order would sweep from the
+top rows down, so a budget or a deletion curve would depend on where the image's content sits.
 
 Per-image functions return one value per image so that callers can keep running sums; the
 dataset-level metric is their mean.
@@ -19,9 +25,17 @@ import torch
 
 from fal_d2.modeling.map_resize import level_maps_to_images
 
+# How a budget keeps a map's top pixels: at 1 ("binary": the ranking alone counts) or at their
+# values ("valued": TAME's rule, where a flatter map keeps more of the image).
+BUDGET_MODES = ("binary", "valued")
+TIE_BREAK_SEED = 0  # seeds the random order that ranks pixels of equal saliency
+
 __all__ = [
+    "BUDGET_MODES",
+    "TIE_BREAK_SEED",
     "normalize_saliency",
     "explanation_images",
+    "pixel_ranks",
     "budget_saliency",
     "coverage",
     "drop_per_image",
@@ -90,26 +104,47 @@ def explanation_images(
     return fill + (images.float() - fill) * weights
 
 
-def budget_saliency(saliency: torch.Tensor, percent: float) -> torch.Tensor:
+def pixel_ranks(saliency: torch.Tensor) -> torch.Tensor:
     """
-    Keep the ``percent`` % most salient pixels of each map at their values, and zero the rest
-    (TAME's evaluation at 100, 50 and 15 %). Maps of different coverage are then compared on the
-    same number of pixels. Ties are ranked in raster order, so exactly round(percent % of H * W)
-    pixels are kept.
+    (N, P) rank of each pixel of (N, ...) maps, flattened: 0 is the most salient. Pixels of equal
+    saliency are ranked in one random order of the P positions, drawn from a generator seeded with
+    :data:`TIE_BREAK_SEED`: deterministic, and the same for every map of that size, so two maps
+    that differ only off their plateaus are ranked alike on them.
+    """
+    flat = saliency.flatten(1)
+    num_pixels = flat.shape[1]
+    generator = torch.Generator().manual_seed(TIE_BREAK_SEED)
+    shuffle = torch.randperm(num_pixels, generator=generator).to(flat.device)
+    # A stable sort of the shuffled pixels keeps equal values in the shuffled order.
+    order = shuffle[torch.argsort(flat[:, shuffle], dim=1, descending=True, stable=True)]
+    ranks = torch.empty_like(order)
+    positions = torch.arange(num_pixels, device=flat.device).expand_as(order)
+    return ranks.scatter_(1, order, positions)
+
+
+def budget_saliency(
+    saliency: torch.Tensor, percent: float, mode: str = "binary"
+) -> torch.Tensor:
+    """
+    Keep the ``percent`` % most salient pixels of each map and zero the rest (TAME's evaluation
+    at 100, 50 and 15 %): exactly round(percent % of H * W) pixels, ties ranked by
+    :func:`pixel_ranks`. ``mode`` "binary" keeps them at 1: every map then keeps the same image
+    area, and a monotone rescaling of a map changes nothing, so only the ranking is compared.
+    "valued" keeps them at their values (TAME's rule): a flatter map keeps more of the image and
+    loses less confidence without ranking pixels any better.
 
     Args:
-        saliency: (N, H, W) maps in [0, 1]; percent: in (0, 100].
+        saliency: (N, H, W) maps in [0, 1]; percent: in (0, 100]; mode: one of
+            :data:`BUDGET_MODES`.
     """
+    if mode not in BUDGET_MODES:
+        raise ValueError(f"budget mode {mode!r}; expected one of {BUDGET_MODES}")
     if not 0 < percent <= 100:
         raise ValueError(f"budget must be in (0, 100], got {percent}")
-    if percent == 100:
-        return saliency
-    flat = saliency.flatten(1)
-    order = torch.argsort(flat, dim=1, descending=True, stable=True)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    count = round(flat.shape[1] * percent / 100)
-    keep.scatter_(1, order[:, :count], True)
-    return torch.where(keep, flat, torch.zeros_like(flat)).view_as(saliency)
+    count = round(saliency.shape[1:].numel() * percent / 100)
+    keep = (pixel_ranks(saliency) < count).view_as(saliency)
+    kept = torch.ones_like(saliency) if mode == "binary" else saliency
+    return torch.where(keep, kept, torch.zeros_like(saliency))
 
 
 def coverage(saliency: torch.Tensor) -> torch.Tensor:
@@ -174,15 +209,14 @@ def win_rate(drop_a, drop_b) -> float:
 def ranked_pixel_masks(saliency: torch.Tensor, steps: int) -> torch.Tensor:
     """
     (steps + 1, H, W) float masks: mask t is 1 on the round(t / steps * H * W) most salient pixels.
-    Equal saliencies are ranked in raster order, so the result is deterministic.
+    Equal saliencies are ranked in a seeded random order (:func:`pixel_ranks`): deterministic, and
+    a zero plateau is removed (or inserted) scattered over the image, not row by row.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     num_pixels = saliency.numel()
-    order = torch.argsort(saliency.flatten(), descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(num_pixels, device=order.device)
-    counts = torch.round(torch.linspace(0, num_pixels, steps + 1, device=order.device))
+    rank = pixel_ranks(saliency[None])[0]
+    counts = torch.round(torch.linspace(0, num_pixels, steps + 1, device=rank.device))
     return (rank[None] < counts[:, None]).float().view(steps + 1, *saliency.shape)
 
 

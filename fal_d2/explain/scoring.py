@@ -75,6 +75,7 @@ def score_explanations(
     insertion_baseline: str = "blur",
     mask: str = "normalized",
     budgets: Sequence[float] = (),
+    budget_mode: str = "binary",
 ) -> ExplanationScores:
     """
     Explain a batch with ``method`` and score every level's maps.
@@ -93,6 +94,8 @@ def score_explanations(
         mask: what a masked pixel becomes, "normalized" (the mean colour) or "pixel" (black); see
             :func:`fal_d2.explain.faithfulness.mask_fill`.
         budgets: percentages in (0, 100) of top pixels each map is also scored at.
+        budget_mode: "binary" (kept pixels at 1: the ranking alone counts) or "valued" (at their
+            values, TAME's rule); see :func:`budget_saliency`.
     """
     fill = mask_fill(model, mask)
     saliency = method(batched_inputs, target_classes)
@@ -125,7 +128,8 @@ def score_explanations(
         o = confidences_on(kept_maps)
         budget_scores = {}
         for percent in budgets:
-            o_budget = confidences_on([budget_saliency(s[None], percent)[0] for s in kept_maps])
+            o_budget = confidences_on([budget_saliency(s[None], percent, budget_mode)[0]
+                                       for s in kept_maps])
             budget_scores[percent] = BudgetScores(
                 explanation_confidence=_scattered(o_budget, explained),
                 drop=_scattered(drop_per_image(y, o_budget), explained),
@@ -135,8 +139,8 @@ def score_explanations(
         if indices and auc_steps > 0:
             aucs = deletion_insertion_aucs(target, images, kept_maps, kept_classes, kept_boxes,
                                            auc_steps, insertion_baseline, fill)
-        kept_coverage = coverage(torch.stack(kept_maps)).cpu().double().numpy() if indices \
-            else np.zeros(0)
+        # One map at a time: a detector's images in a batch may differ in size.
+        kept_coverage = np.array([float(coverage(s[None])[0]) for s in kept_maps])
         levels[level] = LevelScores(
             saliency=normalized,
             explanation_confidence=_scattered(o, explained),
