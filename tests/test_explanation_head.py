@@ -1,5 +1,8 @@
 """The decoupled explanation head (MODEL.EXPLAIN_HEAD): its maps, its objective, and that neither
 can change the classifier, jointly trained or as a second stage."""
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,12 +10,14 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from fal_d2.checkpoint import WeightsError
 from fal_d2.config import merge_config_file
+from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.explain import SALIENCY_METHODS, ExplanationHeadSaliency, build_saliency_method
 from fal_d2.levels import check_levels
 from fal_d2.modeling.explanation_head_loss import soft_top_k, total_variation
 
-from conftest import REPO_ROOT, make_tiny_cfg
+from conftest import REPO_ROOT, load_script, make_tiny_cfg, mini_train_opts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -240,6 +245,21 @@ def test_head_saliency_method_fails_naming_levels_without_a_trained_head():
         ExplanationHeadSaliency(plain, ["p2"])
 
 
+def test_the_evaluator_explains_with_head_only_where_a_trained_head_is(mini_datasets):
+    """"head" is a default method: models without a (trained) head skip it, others use it."""
+    _, test_set = mini_datasets
+    methods = make_tiny_cfg().TEST.EXPLAIN.METHODS
+    assert "head" in methods
+    plain, model = _pair("fal_p2p3.yaml", "MODEL.CLS_HEAD.NUM_CLASSES", 21)
+    for candidate in (plain, model):  # no head; a head never trained
+        evaluator = ExplanationEvaluator(test_set, candidate, methods, ["p2", "p3"],
+                                         distributed=False)
+        assert "head" not in evaluator.method_levels and "gradcam" in evaluator.method_levels
+    model.explanation_head["p3"].num_updates.fill_(1)
+    evaluator = ExplanationEvaluator(test_set, model, methods, ["p2", "p3"], distributed=False)
+    assert evaluator.method_levels["head"] == ["p3"]
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -282,3 +302,72 @@ def test_a_config_with_the_removed_faithful_map_keys_fails_naming_the_replacemen
                                          rf"removed; MODEL.EXPLAIN_HEAD replaces it") as error:
         merge_config_file(cfg, str(config))
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- the second stage in train_net
+
+HEAD_CONFIG = os.path.join(REPO_ROOT, "configs", "explain_head", "fal_p2p3_R18_cpu_head.yaml")
+
+
+def _base_weights(path, config=HEAD_CONFIG, *opts):
+    """A base model's weights file (random, no head), of the head config's architecture."""
+    cfg = make_tiny_cfg(config, "MODEL.EXPLAIN_HEAD.ENABLED", False,
+                        "MODEL.EXPLAIN_HEAD.TRAIN_ONLY_HEAD", False, "MODEL.CLS_HEAD.NUM_CLASSES",
+                        21, *opts)
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    torch.save({"model": state}, path)
+    return state
+
+
+def _second_stage_args(train_net, output_dir, datasets, weights, config=HEAD_CONFIG):
+    opts = mini_train_opts(output_dir, *datasets) + [
+        "MODEL.WEIGHTS", str(weights), "TEST.EXPLAIN.METHODS", "['head']"]
+    return train_net.get_parser().parse_args(["--config-file", config, *opts])
+
+
+def test_second_stage_through_train_net_changes_only_the_head(tmp_path, mini_datasets):
+    """Three iterations of the real trainer (EMA on, as in Base-FAL): the optimizer holds only the
+    head's parameters, every other weight and buffer of model_final equals the base file's, and
+    the trained head is evaluated as the "head" method."""
+    train_net = load_script(os.path.join("tools", "train_net.py"))
+    base = _base_weights(tmp_path / "base.pth")
+    cfg = train_net.setup(_second_stage_args(train_net, tmp_path / "run", mini_datasets,
+                                             tmp_path / "base.pth"))
+    assert cfg.MODEL.EMA.ENABLED
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    optimized = {id(param) for group in trainer.optimizer.param_groups for param in group["params"]}
+    assert optimized == {id(param) for param in trainer.model.explanation_head.parameters()}
+    trainer.train()
+
+    final = torch.load(tmp_path / "run" / "model_final.pth", weights_only=False)["model"]
+    assert set(_outside_head(final)) == set(base)
+    changed = [key for key, value in _outside_head(final).items()
+               if not torch.equal(value, base[key])]
+    assert changed == []
+    assert int(final["explanation_head.p2.num_updates"]) == 3
+    with open(tmp_path / "run" / "metrics.json") as f:
+        records = [json.loads(line) for line in f]
+    assert "loss_head_keep" in records[0] and "loss_cls" not in records[0]
+    assert any(key.startswith("explanation/head/p2/") for key in records[-1])
+
+
+def test_second_stage_weights_must_hold_everything_but_the_head(tmp_path, mini_datasets):
+    """A file of another model (no branches, for a config with them), or none, fails before
+    training, in one line naming what is missing."""
+    train_net = load_script(os.path.join("tools", "train_net.py"))
+    _base_weights(tmp_path / "fpn.pth", HEAD_CONFIG, "MODEL.FAL.ATTENTION_LEVELS", [])
+    for weights, message in [
+        (tmp_path / "fpn.pth",
+         rf"^{tmp_path / 'fpn.pth'} does not fit the FALClassifier: \d+ tensor\(s\) of the model "
+         r"missing from the file \(e.g. backbone.attention_branches.\S+\) \(this run trains only "
+         r"explanation_head.\*: the file must hold every other tensor\); set MODEL.WEIGHTS_PARTIAL"),
+        ("", r"^MODEL.WEIGHTS is empty, but this run trains only explanation_head.\*: give the "
+             r"weights of the rest$"),
+    ]:
+        args = _second_stage_args(train_net, tmp_path / "run", mini_datasets, weights)
+        with pytest.raises(WeightsError, match=message) as error:
+            train_net.main(args)
+        assert "\n" not in str(error.value)
+        assert not (tmp_path / "run" / "last_checkpoint").exists()
