@@ -8,7 +8,9 @@ with one line, instead of a model that quietly runs with random or half-loaded w
   When MODEL.WEIGHTS only initialises a training run (``training=True``), the file may lack what
   the run creates: the attention branches and the heads (those may also have another shape, e.g.
   another class count), and, from a trunk-only ImageNet file (Detectron2's ``.pkl``/``.pyth``,
-  matched by name heuristics), everything but the ResNet trunk. One line summarises that.
+  matched by name heuristics), everything but the ResNet trunk. One line summarises that. A run
+  that trains only some parts (``new_prefixes``: the explanation head's second stage) may lack
+  those alone, and needs a file.
 * **Unreadable files** (empty, text, a truncated archive) fail with one line naming the file and
   what is wrong with it.
 * **Atomic saves.** A checkpoint is written to a temp file and renamed, so no partial checkpoint
@@ -119,8 +121,8 @@ class FALCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with checked loads, atomic saves and a resume fallback (see the
     module docstring). After :meth:`load`, ``loaded_file`` is the local path that was read."""
 
-    def __init__(self, model, save_dir="", *, partial=False, training=False, save_to_disk=None,
-                 **checkpointables):
+    def __init__(self, model, save_dir="", *, partial=False, training=False, new_prefixes=None,
+                 save_to_disk=None, **checkpointables):
         """
         Args:
             partial: load the tensors that fit and summarise the rest in one warning
@@ -128,10 +130,14 @@ class FALCheckpointer(DetectionCheckpointer):
             training: the model is about to be trained, so the weights given to
                 :meth:`resume_or_load` without a checkpoint to resume may lack the parts the run
                 creates (branches, heads). A resumed checkpoint must always fit.
+            new_prefixes: with ``training``, the state-dict prefixes of the only tensors that
+                file may lack or hold in another shape, e.g. ``("explanation_head.",)`` when the
+                run trains the explanation head alone; None: the rule above.
         """
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.partial = partial
         self.training = training
+        self.new_prefixes = tuple(new_prefixes) if new_prefixes is not None else None
         self.loaded_file: Optional[str] = None
         self._initialising = False
         self._trunk_only_file = False
@@ -149,6 +155,9 @@ class FALCheckpointer(DetectionCheckpointer):
         load ``path``; with ``training``, that file only initialises the run."""
         if resume and self.has_checkpoint():
             return self.load(self.get_checkpoint_file())
+        if self.training and self.new_prefixes is not None and not path:
+            raise WeightsError(f"MODEL.WEIGHTS is empty, but this run trains only "
+                               f"{self._new_parts_text()}: give the weights of the rest")
         self._initialising = self.training
         try:
             return self.load(path, checkpointables=[])
@@ -189,16 +198,18 @@ class FALCheckpointer(DetectionCheckpointer):
                                f"{_mismatch_summary(missing, unexpected, shapes)}")
         new = []
         if self._initialising:
-            is_new = self._new_part_test()
-            new = [key for key in missing if is_new(key)]
-            new += [key for key, _, _ in shapes if not key.startswith("backbone.")]
-            missing = [key for key in missing if not is_new(key)]
-            shapes = [shape for shape in shapes if shape[0].startswith("backbone.")]
+            may_lack, may_reshape = self._new_part_tests()
+            new = [key for key in missing if may_lack(key)]
+            new += [key for key, _, _ in shapes if may_reshape(key)]
+            missing = [key for key in missing if not may_lack(key)]
+            shapes = [shape for shape in shapes if not may_reshape(shape[0])]
         mismatch = _mismatch_summary(missing, unexpected, shapes)
         if mismatch and not self.partial:
+            only = (f" (this run trains only {self._new_parts_text()}: the file must hold "
+                    f"every other tensor)" if self._initialising and self.new_prefixes else "")
             raise WeightsError(
-                f"{self.loaded_file} does not fit the {type(self.model).__name__}: {mismatch}; "
-                f"set MODEL.WEIGHTS_PARTIAL True to load only what fits"
+                f"{self.loaded_file} does not fit the {type(self.model).__name__}: {mismatch}"
+                f"{only}; set MODEL.WEIGHTS_PARTIAL True to load only what fits"
             )
         if mismatch:
             self.logger.warning(f"{where} (MODEL.WEIGHTS_PARTIAL); not loaded: {mismatch}")
@@ -206,8 +217,17 @@ class FALCheckpointer(DetectionCheckpointer):
             self.logger.info(f"{where}; {len(new)} new one(s) keep their initialisation "
                              f"(e.g. {new[0]})")
 
-    def _new_part_test(self):
-        """A test of whether a weights file that initialises training may lack a tensor."""
+    def _new_parts_text(self) -> str:
+        return ", ".join(f"{prefix}*" for prefix in self.new_prefixes)
+
+    def _new_part_tests(self):
+        """Tests of whether a weights file that initialises training may lack a tensor, and
+        whether it may hold one in another shape (the heads, e.g. for another class count)."""
+        if self.new_prefixes is not None:
+            def only_new(key: str) -> bool:
+                return key.startswith(self.new_prefixes)
+
+            return only_new, only_new
         trunks = tuple(f"{name}." for name, module in self.model.named_modules()
                        if isinstance(module, ResNet))
         trunk_only = self._trunk_only_file and bool(trunks)
@@ -217,7 +237,7 @@ class FALCheckpointer(DetectionCheckpointer):
                 return True
             return trunk_only and not key.startswith(trunks)
 
-        return is_new
+        return is_new, lambda key: not key.startswith("backbone.")
 
     # ---- saving --------------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
 """Config keys added by fal_d2, in Detectron2's ``add_*_config`` style."""
+import re
+
 from detectron2.config import CfgNode as CN
 
 
@@ -19,20 +21,26 @@ def add_fal_config(cfg):
     cfg.MODEL.FAL.ATT_LOSS_WEIGHT = 1.0  # lambda in L = L_per + sum_levels lambda * L_att(level), as in ABN
     cfg.MODEL.FAL.RESNET_ATTENTION_AFTER = "res4"  # ABN on a plain ResNet: the stage whose output is attended
 
-    # Budgeted keep/destroy objective for the branches' class maps (FALClassifier only): a map T,
-    # the top k % of a level's class map for the label, masks the normalised image, and the model
-    # must keep its class on T*x (Average Drop's criterion) and lose it on (1-T)*x (GAIN's
-    # attention mining). See fal_d2/modeling/faithful_map_loss.py.
-    cfg.MODEL.FAL.FAITHFUL_MAP = CN()
-    cfg.MODEL.FAL.FAITHFUL_MAP.ENABLED = False  # add loss_map_keep/destroy/area to the training losses
-    cfg.MODEL.FAL.FAITHFUL_MAP.KEEP_WEIGHT = 1.0  # weight of the cross-entropy of the label on T*x
-    cfg.MODEL.FAL.FAITHFUL_MAP.DESTROY_WEIGHT = 0.5  # weight of the label's probability on (1-T)*x
-    cfg.MODEL.FAL.FAITHFUL_MAP.AREA_WEIGHT = 0.5  # weight of mean(T): without it, keeping is bought with coverage
-    cfg.MODEL.FAL.FAITHFUL_MAP.BUDGETS = [15, 50]  # T keeps the top k % of the map, k drawn per image from these
-    cfg.MODEL.FAL.FAITHFUL_MAP.SHARPNESS = 20.0  # soft top-k: T = S * sigmoid(SHARPNESS * (S - k-th quantile))
-    cfg.MODEL.FAL.FAITHFUL_MAP.IMS_PER_LEVEL = 4  # images of each batch masked per branch (cost: 2 extra passes each)
-    cfg.MODEL.FAL.FAITHFUL_MAP.START_ITER = 0  # first iteration with the objective; let the maps form first
-    cfg.MODEL.FAL.FAITHFUL_MAP.UPDATE_CLASSIFIER = False  # False: masked passes train only the maps (TAME's frozen classifier)
+    # A decoupled explanation head (FALClassifier only): per level, a few convs on the *detached*
+    # features give one map per class, trained against the frozen classifier to keep its decision
+    # on the map's top k % and lose it on the rest; it cannot change the prediction. Trained
+    # jointly (from START_ITER) or as a second stage (TRAIN_ONLY_HEAD). See
+    # fal_d2/modeling/explanation_head.py and explanation_head_loss.py.
+    cfg.MODEL.EXPLAIN_HEAD = CN()
+    cfg.MODEL.EXPLAIN_HEAD.ENABLED = False  # build the head (outputs "explanation"; method "head")
+    cfg.MODEL.EXPLAIN_HEAD.LEVELS = ["p2", "p3"]  # backbone outputs that get a head
+    cfg.MODEL.EXPLAIN_HEAD.CHANNELS = 64  # width of the head's 3x3 convs
+    cfg.MODEL.EXPLAIN_HEAD.NUM_CONVS = 2  # 3x3 conv+BN+ReLU layers before the 1x1 conv to K maps
+    cfg.MODEL.EXPLAIN_HEAD.TARGET = "pred"  # class trained for: "pred" (frozen model's) or "label"
+    cfg.MODEL.EXPLAIN_HEAD.KEEP_WEIGHT = 1.0  # weight of CE(f(T*x), c): the top k % keeps c
+    cfg.MODEL.EXPLAIN_HEAD.DESTROY_WEIGHT = 1.0  # weight of p_c(f((1-T)*x)): hiding it loses c
+    cfg.MODEL.EXPLAIN_HEAD.AREA_WEIGHT = 0.2  # weight of mean(S): low outside the evidence
+    cfg.MODEL.EXPLAIN_HEAD.TV_WEIGHT = 0.2  # weight of S's total variation: a smooth map
+    cfg.MODEL.EXPLAIN_HEAD.BUDGETS = [15, 50]  # k % kept by T, drawn per image from these
+    cfg.MODEL.EXPLAIN_HEAD.SHARPNESS = 20.0  # T = sigmoid(SHARPNESS * (S - q_k)), soft top k %
+    cfg.MODEL.EXPLAIN_HEAD.IMS_PER_LEVEL = 4  # images masked per level and batch; 0 = all
+    cfg.MODEL.EXPLAIN_HEAD.START_ITER = 0  # joint training: first iteration with its losses
+    cfg.MODEL.EXPLAIN_HEAD.TRAIN_ONLY_HEAD = False  # 2nd stage: all else frozen, only head losses
 
     cfg.MODEL.CLS_HEAD = CN()
     cfg.MODEL.CLS_HEAD.NAME = "PooledFusionHead"  # name in CLS_HEAD_REGISTRY (perception head)
@@ -65,7 +73,7 @@ def add_fal_config(cfg):
     cfg.TEST.IMS_PER_BATCH = 1  # images per inference batch per process; 1 is Detectron2's timing convention
     cfg.TEST.EXPLAIN = CN()
     cfg.TEST.EXPLAIN.ENABLED = False  # add ExplanationEvaluator beside the accuracy evaluator
-    cfg.TEST.EXPLAIN.METHODS = ["branch_cam", "attention", "gradcam", "gradcampp", "random"]  # saliency methods (fal_d2.explain); "random": the control
+    cfg.TEST.EXPLAIN.METHODS = ["branch_cam", "attention", "gradcam", "gradcampp", "head", "random"]  # saliency methods (fal_d2.explain); "random": the control
     cfg.TEST.EXPLAIN.LEVELS = ["p2", "p3", "p4", "p5"]  # pyramid levels to explain
     cfg.TEST.EXPLAIN.TARGET = "pred"  # class explained: "pred" (predicted) or "gt" (ground truth)
     cfg.TEST.EXPLAIN.VIS_PER_CLASS = 2  # images per class drawn as heatmaps in the grid figure and report
@@ -108,7 +116,25 @@ def merge_config_file(cfg, path):
         cfg.merge_from_file(path)
     except (KeyError, ValueError, AssertionError, yaml.YAMLError) as error:
         message = str(error.args[0] if error.args else error).splitlines()[0]
-        raise ValueError(f"{path}: {message}") from None
+        raise ValueError(f"{path}: {removed_key_message(message) or message}") from None
+
+
+# Keys that configs may still set, with what replaces them.
+REMOVED_KEYS = {
+    "MODEL.FAL.FAITHFUL_MAP": "MODEL.EXPLAIN_HEAD replaces it (a decoupled explanation head "
+                              "that cannot change the prediction)",
+}
+
+
+def removed_key_message(message: str):
+    """For yacs's "Non-existent config key: K" about a removed key K, a line saying so and what
+    replaces it; None for any other message."""
+    match = re.fullmatch(r"Non-existent config key: (\S+)", message)
+    key = match.group(1) if match else ""
+    for removed, replacement in REMOVED_KEYS.items():
+        if key == removed or key.startswith(removed + "."):
+            return f"{key}: this key was removed; {replacement}"
+    return None
 
 
 def check_training_recipe(cfg):

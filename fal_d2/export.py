@@ -26,6 +26,7 @@ MAP_KINDS = {
     "attention": "attention map M in [0, 1], at the input size",
     "attention_raw": "attention map M at the level's resolution",
     "attention_scores": "the branch's own softmax over the classes",
+    "explanation": "the explanation head's map of the predicted class, in [0, 1], at the input size",
 }
 
 
@@ -36,9 +37,10 @@ class TraceableClassifier(nn.Module):
     Input: ``images``, (N, 3, H, W), uint8 or float, 0-255, in the model's ``INPUT.FORMAT`` channel
     order, already resized as the model was trained (``INPUT.CLS.SIZE`` squares, as
     ``ClassificationDatasetMapper`` and ``FALPredictor`` do); normalisation and padding happen
-    inside, as in the eager model. Output: ``{"scores": (N, K) softmax}`` and, for each attention
-    level, ``"<kind>/<level>"`` for every kind in :data:`MAP_KINDS`: the eager model's per-image
-    outputs, batched, with the maps at the input's size (the eager model's "original size").
+    inside, as in the eager model. Output: ``{"scores": (N, K) softmax}``, for each attention
+    level ``"<kind>/<level>"`` for the branch kinds of :data:`MAP_KINDS` and, for each level with
+    an explanation head, ``"explanation/<level>"``: the eager model's per-image outputs, batched,
+    with the maps at the input's size (the eager model's "original size").
     ``pred_class`` is left out: it is ``scores.argmax(1)``.
     """
 
@@ -57,7 +59,8 @@ class TraceableClassifier(nn.Module):
         if divisor > 1:  # zero padding after normalisation, as ImageList.from_tensors does
             pixels = F.pad(pixels, (0, (-width) % divisor, 0, (-height) % divisor))
         padded_size = pixels.shape[-2:]
-        logits, attention = model.classify(pixels.contiguous(memory_format=model.memory_format))
+        logits, attention, features = model.classify(
+            pixels.contiguous(memory_format=model.memory_format))
         scores = logits.float().softmax(dim=1)
         outputs = {"scores": scores}
         predicted = scores.argmax(dim=1)
@@ -68,6 +71,9 @@ class TraceableClassifier(nn.Module):
             outputs[f"attention/{level}"] = _to_input_size(out.attention, padded_size, height, width)
             outputs[f"attention_raw/{level}"] = out.attention[:, 0]
             outputs[f"attention_scores/{level}"] = out.logits.float().softmax(dim=1)
+        for level, maps in model.explanation_maps(features, predicted).items():
+            outputs[f"explanation/{level}"] = _to_input_size(maps[:, None], padded_size, height,
+                                                             width)
         return outputs
 
 

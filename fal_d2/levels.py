@@ -22,12 +22,15 @@ def backbone_levels(cfg) -> List[str]:
 
 
 def check_levels(cfg) -> None:
-    """Check ``MODEL.FAL.ATTENTION_LEVELS``, ``MODEL.CLS_HEAD.IN_FEATURES`` (classifiers) and,
-    when explanations are evaluated, ``TEST.EXPLAIN.LEVELS``; one line naming the key."""
+    """Check ``MODEL.FAL.ATTENTION_LEVELS``, ``MODEL.CLS_HEAD.IN_FEATURES`` and, with an
+    explanation head, ``MODEL.EXPLAIN_HEAD.LEVELS`` (classifiers) and, when explanations are
+    evaluated, ``TEST.EXPLAIN.LEVELS``; one line naming the key."""
     levels = backbone_levels(cfg)
     keys = []
     if is_classifier(cfg):
         keys.append(("MODEL.CLS_HEAD.IN_FEATURES", cfg.MODEL.CLS_HEAD.IN_FEATURES))
+        if cfg.MODEL.EXPLAIN_HEAD.ENABLED:
+            keys.append(("MODEL.EXPLAIN_HEAD.LEVELS", cfg.MODEL.EXPLAIN_HEAD.LEVELS))
     if cfg.TEST.EXPLAIN.ENABLED:
         keys.append(("TEST.EXPLAIN.LEVELS", cfg.TEST.EXPLAIN.LEVELS))
     for key, values in keys:

@@ -43,6 +43,13 @@ class WeightEMA(HookBase):
         self.ema_model.requires_grad_(False)
         self.updates = 0
 
+    def before_train(self):
+        """Start the average from the weights training starts from: MODEL.WEIGHTS are loaded
+        after the hooks are built. A resumed average (``updates`` > 0) is kept. So a frozen
+        weight (the explanation head's second stage) stays exactly what it was."""
+        if self.updates == 0:
+            self.ema_model.load_state_dict(self.model.state_dict())
+
     @torch.no_grad()
     def update(self):
         self.updates += 1

@@ -17,19 +17,20 @@ from fal_d2.data import ClassificationDatasetMapper
 from conftest import REPO_ROOT, TINY_OVERRIDES, load_script, make_tiny_cfg
 
 TOOL = "tools/export_model.py"
-MAP_KINDS = ("class_map", "attention", "attention_raw", "attention_scores")
+MAP_KINDS = ("class_map", "attention", "attention_raw", "attention_scores", "explanation")
+HEAD = ["MODEL.EXPLAIN_HEAD.ENABLED", "True"]  # an explanation head on p2 and p3
 
 
-def export_opts(test_set, weights):
+def export_opts(test_set, weights, *opts):
     return [str(o) for o in TINY_OVERRIDES] + ["DATASETS.TEST", f"('{test_set}',)",
-                                               "MODEL.WEIGHTS", str(weights)]
+                                               "MODEL.WEIGHTS", str(weights), *opts]
 
 
-def tiny_model_with_weights(config_name, test_set, path):
+def tiny_model_with_weights(config_name, test_set, path, *opts):
     """A tiny model with random weights (BN statistics too, so that no map is trivially flat),
     its head biased so that the test images split between classes 0 and 1, saved to ``path`` and
     loaded back; and its config."""
-    cfg = make_tiny_cfg(config_name, "DATASETS.TEST", (test_set,))
+    cfg = make_tiny_cfg(config_name, "DATASETS.TEST", (test_set,), *opts)
     torch.manual_seed(0)
     model = build_model(cfg)
     for name, tensor in model.state_dict().items():
@@ -81,7 +82,7 @@ def eager_outputs(model, images):
                          for image in images])
     stacked = {"scores": torch.stack([out["scores"] for out in outputs])}
     for kind in MAP_KINDS:
-        for level in outputs[0][kind]:
+        for level in outputs[0].get(kind, {}):
             stacked[f"{kind}/{level}"] = torch.stack([out[kind][level] for out in outputs])
     return stacked
 
@@ -101,16 +102,16 @@ def assert_outputs_equal(exported, eager):
 
 @pytest.fixture(scope="module")
 def fal_export(mini_datasets, tmp_path_factory, one_thread):
-    """fal_p2p3, traced on one sample image given with --sample-image."""
+    """fal_p2p3 with an explanation head, traced on one sample image given with --sample-image."""
     _, test_set = mini_datasets
     tmp = tmp_path_factory.mktemp("export_fal")
-    cfg, model = tiny_model_with_weights("fal_p2p3.yaml", test_set, tmp / "weights.pth")
+    cfg, model = tiny_model_with_weights("fal_p2p3.yaml", test_set, tmp / "weights.pth", *HEAD)
     sample = DatasetCatalog.get(test_set)[0]["file_name"]
     output = tmp / "out"
     load_script(TOOL).main(["--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
                             "--format", "torchscript", "--export-method", "tracing",
                             "--sample-image", sample, "--output", str(output)]
-                           + export_opts(test_set, tmp / "weights.pth"))
+                           + export_opts(test_set, tmp / "weights.pth", *HEAD))
     return cfg, model, output / "model.ts", test_set
 
 
@@ -124,6 +125,7 @@ def test_exported_model_matches_eager_at_another_batch_size(fal_export):
                                          for level in ("p2", "p3")}
     assert outputs["class_map/p2"].shape == (5, 64, 64)
     assert outputs["attention_raw/p3"].shape == (5, 8, 8)
+    assert outputs["explanation/p2"].shape == (5, 64, 64)
     # Each image's class map must be the map of its own predicted class.
     assert outputs["scores"].argmax(1).tolist() == [1, 0, 1, 0, 1]
     assert_outputs_equal(outputs, eager_outputs(model, images))
@@ -167,6 +169,7 @@ def test_export_metadata_names_inputs_outputs_and_weights(fal_export):
     assert metadata["input"]["channel_order"] == cfg.INPUT.FORMAT
     assert metadata["outputs"]["scores"]["shape"] == ["N", 5]
     assert metadata["outputs"]["attention/p2"]["shape"] == ["N", 64, 64]
+    assert metadata["outputs"]["explanation/p3"]["what"].startswith("the explanation head's map")
     assert metadata["weights_sha256"] == file_sha256(cfg.MODEL.WEIGHTS)
     assert not [name for name in os.listdir(path.parent) if name != "model.ts"]  # no temp file
 
@@ -186,6 +189,22 @@ def test_model_without_branches_exports_scores_only(mini_datasets, tmp_path, cap
     images = mini_batch(cfg, test_set, [0, 9])
     with torch.no_grad():
         assert_outputs_equal(exported(images), eager_outputs(model, images))
+
+
+def test_model_without_branches_exports_its_explanation_head(mini_datasets, tmp_path, one_thread):
+    """fpn_baseline with an explanation head: scores and the head's maps, as the eager model."""
+    _, test_set = mini_datasets
+    cfg, model = tiny_model_with_weights("fpn_baseline.yaml", test_set, tmp_path / "w.pth", *HEAD)
+    load_script(TOOL).main(["--config-file", os.path.join(REPO_ROOT, "configs", "fpn_baseline.yaml"),
+                            "--output", str(tmp_path / "out")]
+                           + export_opts(test_set, tmp_path / "w.pth", *HEAD))
+    exported, metadata = load_exported(str(tmp_path / "out" / "model.ts"))
+    assert list(metadata["outputs"]) == ["scores", "explanation/p2", "explanation/p3"]
+    images = mixed_batch(cfg, model, test_set)
+    with torch.no_grad():
+        outputs = exported(images)
+    assert_outputs_equal(outputs, eager_outputs(model, images))
+    assert 0 <= float(outputs["explanation/p3"].min()) < float(outputs["explanation/p3"].max()) <= 1
 
 
 def test_missing_weights_file_fails_with_one_line(mini_datasets, tmp_path):

@@ -1,4 +1,5 @@
 """tools/gpu_reproduce.py's bookkeeping: run summaries, speed from the log, the deadline."""
+import argparse
 import json
 import os
 
@@ -120,12 +121,12 @@ def test_comparison_summary_means_over_seeds_and_takes_the_reference_once(tmp_pa
     for seed, drops in [(0, (10.0, 50.0)), (1, (20.0, 70.0))]:
         _comparison_table(str(root / f"fal_p2p3_s{seed}_vs_fpn_baseline_s{seed}" / "normalized"
                               / "layer_analysis.json"), "fal_p2p3", "fpn_baseline", drops)
-        _comparison_table(str(root / f"fal_p2p3_faithful_s{seed}_vs_fpn_baseline_s{seed}"
+        _comparison_table(str(root / f"fal_p2p3_mix_s{seed}_vs_fpn_baseline_s{seed}"
                               / "normalized" / "layer_analysis.json"),
-                          "fal_p2p3_faithful", "fpn_baseline", (5.0, drops[1]))
+                          "fal_p2p3_mix", "fpn_baseline", (5.0, drops[1]))
     records = gpu_reproduce.summarize_comparison(str(tmp_path))
     assert sorted((r["model"], r["seed"]) for r in records) == sorted(
-        (model, seed) for model in ("fal_p2p3", "fal_p2p3_faithful", "fpn_baseline")
+        (model, seed) for model in ("fal_p2p3", "fal_p2p3_mix", "fpn_baseline")
         for seed in (0, 1))
     table = (tmp_path / "explanations.md").read_text().splitlines()
     assert table[0] == "### Mask convention: normalized"
@@ -138,3 +139,28 @@ def test_comparison_summary_means_over_seeds_and_takes_the_reference_once(tmp_pa
     assert by_model["fal_p2p3"].startswith("| fal_p2p3 | gradcam | p2 | 2 | 15.0 ± 5.0 | 1.0 ± 0.0 | – |")
     assert " | 2 | 60.0 ± 10.0 | " in by_model["fpn_baseline"]
     assert json.loads((tmp_path / "explanations.json").read_text()) == records
+
+
+def test_a_head_run_waits_for_its_base_run_and_starts_from_its_weights(tmp_path, monkeypatch,
+                                                                        capsys):
+    gpu_reproduce = _load_tool("gpu_reproduce")
+    commands = []
+    monkeypatch.setattr(gpu_reproduce, "run_logged", lambda command, log: commands.append(command))
+    monkeypatch.setattr(gpu_reproduce, "summarize_run",
+                        lambda *args: {"top1": 90.0, "train_img_s": 100.0})
+    args = argparse.Namespace(vis_per_class=0, max_iter=None, opts=[], device="cuda", workers=2,
+                              test_batch=8)
+    gpu_reproduce.stage_train(args, str(tmp_path), gpu_reproduce.Deadline(None),
+                              ["fal_p2p3_head_s0"])
+    assert commands == []
+    assert "fal_p2p3_head_s0: not started, its base run fal_p2p3_s0 is not trained" in \
+        capsys.readouterr().out
+    base = tmp_path / "runs" / "fal_p2p3_s0" / "model_final.pth"
+    base.parent.mkdir(parents=True)
+    base.write_bytes(b"weights")
+    gpu_reproduce.stage_train(args, str(tmp_path), gpu_reproduce.Deadline(None),
+                              ["fal_p2p3_head_s0"])
+    (command,) = commands
+    assert command[command.index("--config-file") + 1] == "configs/explain_head/fal_p2p3_head.yaml"
+    assert command[command.index("MODEL.WEIGHTS") + 1] == str(base)
+    assert "head" in command[command.index("TEST.EXPLAIN.METHODS") + 1]

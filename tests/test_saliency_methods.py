@@ -92,7 +92,9 @@ def test_gradcam_and_gradcampp_match_direct_formulas(tiny_cfg, config, opts, lev
 
 @pytest.mark.parametrize("name", sorted(SALIENCY_METHODS))
 def test_same_maps_whatever_the_batch_size(tiny_cfg, name):
-    model = _model(tiny_cfg)
+    model = _model(tiny_cfg, "fal_p2p3.yaml", "MODEL.EXPLAIN_HEAD.ENABLED", True)
+    for head in model.explanation_head.values():
+        head.num_updates.fill_(1)  # "head" explains only with a head that has been trained
     method = build_saliency_method(name, model, ["p2", "p3"])
     inputs = _inputs(3)
     batched = method(inputs)

@@ -66,7 +66,7 @@ def test_branch_losses_take_the_same_mixed_targets_as_the_head():
     assert not torch.allclose(pixels, model.preprocess_image(inputs).tensor)  # mixed
     assert (targets > 0).sum(dim=1).min() == 5  # smoothed: every class has mass
     with torch.no_grad():  # train-mode BN: the outputs depend only on this batch
-        logits, attention = model.classify(pixels)
+        logits, attention, _ = model.classify(pixels)
     assert losses["loss_cls"].item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
     for level in ("p2", "p3"):
         expected = F.cross_entropy(attention[level].logits, targets).item()
@@ -133,9 +133,3 @@ def test_recipe_values_out_of_range_fail_naming_the_key(key, value, message):
         check_training_recipe(cfg)
     assert "\n" not in str(error.value)
 
-
-def test_mixing_with_the_faithful_map_objective_fails_naming_both_keys():
-    cfg = make_tiny_cfg("fal_p2p3.yaml", "INPUT.CLS.CUTMIX_ALPHA", 1.0,
-                        "MODEL.FAL.FAITHFUL_MAP.ENABLED", True)
-    with pytest.raises(ValueError, match="MODEL.FAL.FAITHFUL_MAP.ENABLED"):
-        build_model(cfg)

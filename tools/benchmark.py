@@ -8,9 +8,9 @@
 The first config is the baseline that ratios are taken against. Synthetic inputs isolate the
 model's cost from data loading. ``--amp`` runs every measurement under fp16 autocast (training
 with a GradScaler), as Detectron2's AMPTrainer trains with SOLVER.AMP.ENABLED. Results go to stdout
-as a table and, with --output, to JSON. A config with MODEL.FAL.FAITHFUL_MAP is timed with the
-objective on (outside a trainer it ignores START_ITER): its train_time_ratio against fal_p2p3 is
-the overhead while the objective runs.
+as a table and, with --output, to JSON. A config with an explanation head (MODEL.EXPLAIN_HEAD) is
+timed with the head: in inference its maps are computed, in training its objective runs (outside
+a trainer it ignores START_ITER), and with TRAIN_ONLY_HEAD the training step is the second stage's.
 """
 import argparse
 import contextlib

@@ -13,14 +13,14 @@ Stages:
   cost      params, FLOPs, synthetic training/inference img/s and explanation ms/img
             (tools/benchmark.py under fp16 AMP), and the train loader alone, in img/s;
   train     each run of --runs: tools/train_net.py from scratch with SOLVER.AMP, evaluated once at
-            the end (top-1, top-5, mean per-class accuracy, AD/IC per method and level);
+            the end (top-1, top-5, mean per-class accuracy, AD/IC per method and level); an
+            explanation head run (*_head_s*) is the second stage of its base run, trained
+            after it from its model_final.pth;
   analysis  tools/explain.py's layer analysis of the first FPN baseline run, tools/select_levels.py
-            on it, then, for every seed with the runs, FAL (fal_p2p3) and FAL with the
-            faithful-map objective (fal_p2p3_faithful) each against the FPN baseline of the same
-            seed: Grad-CAM, the attention map M, the branch class map and the random control
-            at p2 and p3, in both mask conventions, with budgets, coverage, Win % and
-            deletion/insertion AUC (explanations.json and explanations.md: means over the
-            seeds), and heatmap grids.
+            on it, then, for every seed with the runs, FAL (fal_p2p3) against the FPN baseline
+            of the same seed: Grad-CAM, the attention map M, the branch class map and the random
+            control at p2 and p3, in both mask conventions, with budgets, coverage, Win % and
+            deletion/insertion AUC (explanations.json and explanations.md: means over the seeds), and heatmap grids.
 
 Every stage writes JSON under --output. Re-running with the same --output skips finished runs,
 and a run that was cut off resumes from its last checkpoint. ``--deadline-s`` stops starting runs
@@ -66,8 +66,10 @@ RUNS = {
     "fal_p2p3_mix_s0": ("configs/fal_p2p3_mix.yaml", 0),
     "fpn_baseline_mix_s1": ("configs/fpn_baseline_mix.yaml", 1),
     "fal_p2p3_mix_s1": ("configs/fal_p2p3_mix.yaml", 1),
-    "fal_p2p3_faithful_s0": ("configs/fal_p2p3_faithful.yaml", 0),
-    "fal_p2p3_faithful_s1": ("configs/fal_p2p3_faithful.yaml", 1),
+    "fpn_baseline_head_s0": ("configs/explain_head/fpn_baseline_head.yaml", 0),
+    "fal_p2p3_head_s0": ("configs/explain_head/fal_p2p3_head.yaml", 0),
+    "fpn_baseline_head_s1": ("configs/explain_head/fpn_baseline_head.yaml", 1),
+    "fal_p2p3_head_s1": ("configs/explain_head/fal_p2p3_head.yaml", 1),
     "fal_p2_s0": ("configs/fal_p2.yaml", 0),
     "fal_p3_s0": ("configs/fal_p3.yaml", 0),
     "fal_p4_s0": ("configs/fal_p4.yaml", 0),
@@ -75,18 +77,21 @@ RUNS = {
     "fal_all_s0": ("configs/fal_all.yaml", 0),
     "abn_r50_s0": ("configs/abn_r50.yaml", 0),
 }
+# Second stages (MODEL.EXPLAIN_HEAD.TRAIN_ONLY_HEAD): the run whose model_final.pth each trains on.
+BASE_RUNS = {f"{model}_head_s{seed}": f"{model}_s{seed}"
+             for model in ("fpn_baseline", "fal_p2p3") for seed in (0, 1)}
 STAGES = ("cost", "train", "analysis")
 ANALYSED_RUNS = ("fpn_baseline_s0", "fal_p2p3_s0")  # the analysis needs these two first
 # The explanation comparison: each model against the reference (its Grad-CAM is Win %'s
 # reference), seed by seed, at these levels, in both mask conventions.
-COMPARED = ("fal_p2p3", "fal_p2p3_faithful")
+COMPARED = ("fal_p2p3",)
 REFERENCE = "fpn_baseline"
 COMPARED_LEVELS = ["p2", "p3"]
 COMPARED_METHODS = ["gradcam", "attention", "branch_cam", "random"]  # random: the control
 MASKS = ("normalized", "pixel")
 BENCHMARK_CONFIGS = ["configs/fpn_baseline.yaml", "configs/fal_p2p3.yaml", "configs/fal_all.yaml",
-                     "configs/fal_p2p3_faithful.yaml"]
-EXPLAIN_METHODS = ["branch_cam", "attention", "gradcam", "gradcampp"]
+                     "configs/explain_head/fal_p2p3_head.yaml"]
+EXPLAIN_METHODS = ["branch_cam", "attention", "gradcam", "gradcampp", "head"]
 
 
 def environment():
@@ -257,6 +262,13 @@ def stage_train(args, output_dir, deadline, runs):
         if os.path.isfile(summary_path):
             print(f"{name}: already done, skipped")
             continue
+        base_weights = []
+        if name in BASE_RUNS:
+            base = os.path.join(output_dir, "runs", BASE_RUNS[name], "model_final.pth")
+            if not os.path.isfile(base):
+                print(f"{name}: not started, its base run {BASE_RUNS[name]} is not trained")
+                continue
+            base_weights = ["MODEL.WEIGHTS", base]
         if not deadline.allows(name):
             print(f"{name}: not started, the deadline would cut it off")
             continue
@@ -268,7 +280,7 @@ def stage_train(args, output_dir, deadline, runs):
                    "TEST.EXPLAIN.ENABLED", "True",
                    "TEST.EXPLAIN.METHODS", str(EXPLAIN_METHODS),
                    "TEST.EXPLAIN.VIS_PER_CLASS", str(args.vis_per_class),
-                   *common_opts(args)]
+                   *base_weights, *common_opts(args)]
         if args.max_iter:
             command += ["SOLVER.MAX_ITER", str(args.max_iter)]
         start = time.perf_counter()

@@ -65,10 +65,13 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
     def build_hooks(self):
         # DefaultTrainer.__init__ builds a plain DetectionCheckpointer just before the hooks; swap
         # in FALCheckpointer here, so that the PeriodicCheckpointer hook saves through it too.
+        # In the explanation head's second stage, MODEL.WEIGHTS must hold all but the head.
         plain = self.checkpointer
         self.checkpointer = FALCheckpointer(
             plain.model, plain.save_dir, save_to_disk=plain.save_to_disk,
-            partial=self.cfg.MODEL.WEIGHTS_PARTIAL, training=True, **plain.checkpointables,
+            partial=self.cfg.MODEL.WEIGHTS_PARTIAL, training=True,
+            new_prefixes=("explanation_head.",) if self.cfg.MODEL.EXPLAIN_HEAD.TRAIN_ONLY_HEAD
+            else None, **plain.checkpointables,
         )
         hook_list = super().build_hooks()
         if self.cfg.MODEL.EMA.ENABLED:

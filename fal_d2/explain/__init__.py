@@ -16,6 +16,7 @@ from .branch import BranchSaliency
 from .branch_cam import BranchCAM
 from .build_target import build_target
 from .detection_targets import DetectionTarget, FastRCNNBoxTarget, RetinaNetAnchorTarget
+from .explanation_head import ExplanationHeadSaliency
 from .fused import FusedSaliency
 from .gradcam import GradCAM
 from .gradcampp import GradCAMPlusPlus
@@ -29,6 +30,7 @@ __all__ = [
     "BranchSaliency",
     "ClassificationTarget",
     "DetectionTarget",
+    "ExplanationHeadSaliency",
     "ExplanationTarget",
     "FastRCNNBoxTarget",
     "FusedSaliency",
@@ -47,6 +49,7 @@ __all__ = [
 SALIENCY_METHODS = {
     "attention": AttentionSaliency,  # the branch's attention map M (a feature gate)
     "branch_cam": BranchCAM,  # the branch's class-logit map of the explained class
+    "head": ExplanationHeadSaliency,  # the explanation head's map of the explained class
     "gradcam": GradCAM,
     "gradcampp": GradCAMPlusPlus,
     "fused": FusedSaliency,  # of Grad-CAM maps

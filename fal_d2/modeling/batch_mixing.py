@@ -35,12 +35,6 @@ def check_batch_mixing(cfg) -> None:
     smoothing = cfg.MODEL.CLS_HEAD.LABEL_SMOOTHING
     if not 0 <= smoothing < 1:
         raise ValueError(f"MODEL.CLS_HEAD.LABEL_SMOOTHING={smoothing}: must be in [0, 1)")
-    mixing = cfg.INPUT.CLS.MIXUP_ALPHA > 0 or cfg.INPUT.CLS.CUTMIX_ALPHA > 0
-    if mixing and cfg.MODEL.FAL.FAITHFUL_MAP.ENABLED:
-        raise ValueError(
-            "INPUT.CLS.MIXUP_ALPHA/CUTMIX_ALPHA: batch mixing cannot be combined with "
-            "MODEL.FAL.FAITHFUL_MAP.ENABLED (its masks explain one label per image)"
-        )
 
 
 class BatchMixer(nn.Module):
