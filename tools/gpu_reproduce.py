@@ -551,12 +551,19 @@ def get_parser():
     return parser
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The arguments, with ``device``: the overrides' MODEL.DEVICE, which also decides AMP and
+    the memory layout."""
     parser = get_parser()
     args = parser.parse_args(argv)
     args.device = override_value(args.opts, "MODEL.DEVICE", DEVICES[0])
     if args.device not in DEVICES:
         parser.error(f"MODEL.DEVICE {args.device}: the experiment runs on one of {DEVICES}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     deadline = Deadline(args.deadline_s)
     os.makedirs(args.output, exist_ok=True)

@@ -69,8 +69,8 @@ class _DeprecatedOverride(argparse.Action):
         self.key = key
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated; use --opts {self.key} "
-              f"{values}", file=sys.stderr)
+        print(f"warning: {option_string} is deprecated; use --opts {self.key} {values}",
+              file=sys.stderr)
         overrides = getattr(namespace, _ALIAS_OVERRIDES, [])
         setattr(namespace, _ALIAS_OVERRIDES, overrides + [self.key, values])
 
@@ -83,8 +83,7 @@ class _DeprecatedAlias(argparse.Action):
         self.replacement = replacement
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.replacement}",
-              file=sys.stderr)
+        print(f"warning: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
