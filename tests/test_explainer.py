@@ -223,7 +223,8 @@ def test_overlays_are_drawn_in_bgr(explainer, image_path):
 PYTHON_SNIPPET = """
 import cv2
 from fal_d2 import Explainer
-explainer = Explainer.from_config_file("configs/fal_p2p3_R18_cpu.yaml", "output/demo/model_final.pth")
+explainer = Explainer.from_config_file("configs/fal_p2p3_R18_cpu.yaml",
+                                      "output/demo/model_final.pth")
 image = cv2.imread("tests/data/ucmerced_mini/Images/airplane/airplane04.jpg")
 result = explainer(image, methods=["gradcam", "branch_cam"])
 cv2.imwrite("airplane_gradcam_p2.png", explainer.draw(image, result.maps["gradcam"]["p2"]))

@@ -303,7 +303,8 @@ def test_demo_output_names_are_unique_and_map_back(tmp_path):
                                                str(inputs[1]): {(50, 20)},
                                                str(inputs[2]): {(33, 33)}}
     flat = sorted(os.listdir(tmp_path / "flat"))
-    assert "ok_p2_branch_cam.png" in flat and sum(n.endswith("_p2_branch_cam.png") for n in flat) == 3
+    assert "ok_p2_branch_cam.png" in flat
+    assert sum(n.endswith("_p2_branch_cam.png") for n in flat) == 3
 
 
 def test_demo_overlays_have_a_bounded_size(tmp_path):
