@@ -1,7 +1,9 @@
 """Config keys added by fal_d2, in Detectron2's ``add_*_config`` style."""
 import re
+from typing import List, Optional, Sequence
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_fal_config(cfg):
@@ -105,6 +107,28 @@ def check_config_against_datasets(cfg):
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != num_classes:
             raise ValueError(f"{key}={num_classes} but dataset '{name}' has {len(classes)} classes")
+
+
+def model_class_names(cfg) -> Optional[List[str]]:
+    """The names of the model's classes: the first test set's ``thing_classes`` when it has as many
+    as the model, else None (the names of another label set would be wrong ones)."""
+    from detectron2.data import MetadataCatalog
+
+    if not cfg.DATASETS.TEST:
+        return None
+    names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes")
+    _, num_classes = _model_num_classes(cfg)
+    return list(names) if names is not None and len(names) == num_classes else None
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()):
+    """A Detectron2 config with fal_d2's keys, ``config_file`` merged (errors name the file), then
+    the ``KEY VALUE`` overrides ``opts``; not frozen, so that a tool can still set its keys."""
+    cfg = get_cfg()
+    add_fal_config(cfg)
+    merge_config_file(cfg, config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def merge_config_file(cfg, path):

@@ -104,12 +104,18 @@ class FALPredictor(DefaultPredictor):
             output_size: (height, width) of the returned maps; default: the image's. A smaller
                 size bounds the memory the full-size maps of a large image would take.
         """
+        with torch.no_grad():
+            return self.model([self.preprocess(original_image, output_size)])[0]
+
+    def preprocess(self, original_image, output_size=None) -> dict:
+        """The dataset dict the model takes for ``original_image``, as the test mapper makes it:
+        "image" (3, S, S) float32 in ``INPUT.FORMAT`` order, S = ``INPUT.CLS.SIZE``, and the
+        "height" and "width" of the outputs (``output_size``, default: the image's)."""
         image = to_bgr_uint8(original_image)
         height, width = output_size or image.shape[:2]
-        with torch.no_grad():
-            # Resize, then reorder the channels: a full-size flipped view would be copied.
-            image = self.aug.get_transform(image).apply_image(image)
-            if self.input_format == "RGB":
-                image = image[:, :, ::-1]
-            tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
-            return self.model([{"image": tensor, "height": height, "width": width}])[0]
+        # Resize, then reorder the channels: a full-size flipped view would be copied.
+        image = self.aug.get_transform(image).apply_image(image)
+        if self.input_format == "RGB":
+            image = image[:, :, ::-1]
+        tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+        return {"image": tensor, "height": height, "width": width}

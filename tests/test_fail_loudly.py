@@ -84,8 +84,8 @@ def test_demo_explain_and_predictor_refuse_to_run_without_weights(tmp_path, mini
                                            r"--allow-random-weights"):
         _tool("demo").main(["--config-file", FAL_CONFIG, "--input", image,
                             "--output", str(tmp_path / "demo"), *_demo_opts()])
-    with pytest.raises(WeightsError, match=r"fal_p2p3.yaml \(--weights/--compare-weights\): "
-                                           r"MODEL.WEIGHTS is empty"):
+    with pytest.raises(WeightsError, match=r"fal_p2p3.yaml \(MODEL.WEIGHTS; --compare-weights for "
+                                           r"--compare-config\): MODEL.WEIGHTS is empty"):
         _tool("explain").main(["--config-file", FAL_CONFIG, "--dataset", mini_datasets[1],
                                "--output", str(tmp_path / "explain"), *_demo_opts()])
     with pytest.raises(WeightsError, match="allow_random_weights=True"):
@@ -279,8 +279,8 @@ def test_demo_searches_folders_recursively(tmp_path, capsys):
     predictions = json.loads((out / "predictions.json").read_text())
     assert sorted(predictions) == [str(root / n) for n in
                                    ["airplane/a0.jpg", "beach/b0.png", "beach/deeper/b1.tif"]]
-    assert predictions[str(root / "beach/deeper/b1.tif")]["heatmaps"]["class_map"]["p2"] == \
-        str(out / "beach/deeper/b1_p2_class_map.png")
+    assert predictions[str(root / "beach/deeper/b1.tif")]["heatmaps"]["branch_cam"]["p2"] == \
+        str(out / "beach/deeper/b1_p2_branch_cam.png")
 
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
@@ -298,12 +298,13 @@ def test_demo_output_names_are_unique_and_map_back(tmp_path):
         predictions = json.loads((out / "predictions.json").read_text())
         assert sorted(predictions) == sorted(map(str, inputs))
         paths = [p for e in predictions.values() for m in e["heatmaps"].values() for p in m.values()]
-        assert len(set(paths)) == len(paths) == 3 * 2 * 2  # 3 images, 2 kinds, 2 levels
+        assert len(set(paths)) == len(paths) == 3 * 2 * 2  # 3 images, 2 methods, 2 levels
         assert _overlay_sizes(predictions) == {str(inputs[0]): {(40, 30)},
                                                str(inputs[1]): {(50, 20)},
                                                str(inputs[2]): {(33, 33)}}
     flat = sorted(os.listdir(tmp_path / "flat"))
-    assert "ok_p2_class_map.png" in flat and sum(n.endswith("_p2_class_map.png") for n in flat) == 3
+    assert "ok_p2_branch_cam.png" in flat
+    assert sum(n.endswith("_p2_branch_cam.png") for n in flat) == 3
 
 
 def test_demo_overlays_have_a_bounded_size(tmp_path):

@@ -1,4 +1,5 @@
-"""End-to-end runs of tools/train_net.py and tools/demo.py on the committed UC Merced subset."""
+"""End-to-end runs of tools/train_net.py, tools/demo.py and tools/benchmark.py on the committed UC
+Merced subset."""
 import json
 import os
 
@@ -83,10 +84,51 @@ def test_demo_writes_heatmaps_and_skips_bad_files(tmp_path):
     assert str(bad) not in predictions
     for path, entry in predictions.items():
         stem = os.path.splitext(os.path.basename(path))[0]
-        for kind in ("class_map", "attention"):
-            assert set(entry["heatmaps"][kind]) == {"p2", "p3"}
-            for level, heatmap in entry["heatmaps"][kind].items():
-                assert heatmap == str(out / f"{stem}_{level}_{kind}.png") and os.path.exists(heatmap)
+        # by default, the maps the model computes itself, on the levels with a branch
+        assert set(entry["heatmaps"]) == {"branch_cam", "attention"}
+        assert entry["explained_class"] == entry["pred_class"]
+        for method, heatmaps in entry["heatmaps"].items():
+            assert set(heatmaps) == {"p2", "p3"}
+            for level, heatmap in heatmaps.items():
+                assert heatmap == str(out / f"{stem}_{level}_{method}.png")
+                assert os.path.exists(heatmap)
+
+
+def _demo(config, inputs, output, *extra):
+    opts = [str(o) for o in TINY_OVERRIDES]
+    opts[opts.index("MODEL.CLS_HEAD.NUM_CLASSES") + 1] = "21"
+    return _load_tool("demo").main(
+        ["--config-file", os.path.join(REPO_ROOT, "configs", config), "--input", *inputs,
+         "--output", str(output), "--allow-random-weights", *extra, "--opts", *opts])
+
+
+def test_demo_draws_the_methods_levels_and_class_asked_for(tmp_path, capsys):
+    image = os.path.join(MINI_ROOT, "Images", "airplane", "airplane04.jpg")
+    out = tmp_path / "fal"
+    assert _demo("fal_p2p3.yaml", [image], out, "--methods", "gradcam", "branch_cam",
+                 "--levels", "p2", "p4", "--target-class", "beach") == 0
+    # branch_cam has no map on p4 (no branch there): one line, and the other maps are written
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "no map" in line]
+    assert line.startswith("branch_cam: no map on p4 (") and "levels with a branch" in line
+    (entry,) = json.loads((out / "predictions.json").read_text()).values()
+    assert (entry["explained_class"], entry["explained_name"]) == (3, "beach")
+    assert {method: sorted(maps) for method, maps in entry["heatmaps"].items()} == {
+        "gradcam": ["p2", "p4"], "branch_cam": ["p2"]}
+    assert sorted(os.listdir(out)) == ["airplane04_p2_branch_cam.png", "airplane04_p2_gradcam.png",
+                                       "airplane04_p4_gradcam.png", "predictions.json"]
+
+    # a plain FPN has no built-in maps: Grad-CAM by default, and branch_cam is reported
+    out = tmp_path / "fpn"
+    assert _demo("fpn_baseline.yaml", [image], out, "--methods", "branch_cam", "gradcam") == 0
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "no map" in line]
+    assert line.startswith("branch_cam: no map on p2, p3, p4, p5 (")
+    assert "the model has none" in line
+    (entry,) = json.loads((out / "predictions.json").read_text()).values()
+    assert {method: sorted(maps) for method, maps in entry["heatmaps"].items()} == {
+        "gradcam": ["p2", "p3", "p4", "p5"]}
+    assert _demo("fpn_baseline.yaml", [image], tmp_path / "fpn_default") == 0
+    (entry,) = json.loads((tmp_path / "fpn_default" / "predictions.json").read_text()).values()
+    assert list(entry["heatmaps"]) == ["gradcam"]
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
@@ -95,7 +137,7 @@ def test_benchmark_reports_ratios_to_the_baseline(tmp_path, amp):
     output = tmp_path / "bench.json"
     configs = [os.path.join(REPO_ROOT, "configs", name) for name in ("fpn_baseline.yaml", "fal_p2p3.yaml")]
     rows = benchmark.main(
-        ["--configs", *configs, "--batch-size", "2", "--iters", "1", "--warmup", "0",
+        ["--config-file", *configs, "--batch-size", "2", "--iters", "1", "--warmup", "0",
          "--output", str(output), *(["--amp"] if amp else []), *[str(o) for o in TINY_OVERRIDES]]
     )
     baseline, fal = rows

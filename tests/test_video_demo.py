@@ -13,7 +13,6 @@ demo = load_script(os.path.join("tools", "demo.py"))
 
 HEIGHT, WIDTH = 80, 96  # even sides, as mp4v needs; not square, so that no axis is confused
 NUM_FRAMES = 6
-LEVELS = 2  # fal_p2p3.yaml explains p2 and p3
 
 
 @pytest.fixture
@@ -37,10 +36,10 @@ def _frames(path):
     return frames
 
 
-def _run_demo(video, output):
+def _run_demo(video, output, config="fal_p2p3.yaml"):
     opts = [str(o) for o in TINY_OVERRIDES]
     opts[opts.index("MODEL.CLS_HEAD.NUM_CLASSES") + 1] = "21"
-    return demo.main(["--config-file", os.path.join(REPO_ROOT, "configs", "fal_p2p3.yaml"),
+    return demo.main(["--config-file", os.path.join(REPO_ROOT, "configs", config),
                       "--video-input", str(video), "--output", str(output),
                       "--allow-random-weights", *opts])
 
@@ -49,17 +48,20 @@ def _mean_difference(a, b):
     return float(np.abs(a.astype(np.int16) - b).mean())
 
 
-def test_video_demo_writes_one_annotated_frame_per_input_frame(tmp_path, clip):
+# The default maps: branch_cam and attention on the branches' levels (p2, p3) of a FAL model,
+# Grad-CAM on TEST.EXPLAIN.LEVELS (p2 to p5) of a plain FPN; one panel each after the frame.
+@pytest.mark.parametrize("config,maps", [("fal_p2p3.yaml", 2 * 2), ("fpn_baseline.yaml", 4)])
+def test_video_demo_writes_one_annotated_frame_per_input_frame(tmp_path, clip, config, maps):
     output = tmp_path / "out" / "explained.mp4"
-    assert _run_demo(clip, output) == 0
+    assert _run_demo(clip, output, config) == 0
     assert os.listdir(output.parent) == ["explained.mp4"]  # no temp file left beside it
 
     inputs, outputs = _frames(clip), _frames(output)
     assert len(inputs) == len(outputs) == NUM_FRAMES
     for frame, annotated in zip(inputs, outputs):
-        # the frame, then one overlay per level
-        assert annotated.shape == (HEIGHT, WIDTH * (1 + LEVELS), 3)
-        panels = np.split(annotated, 1 + LEVELS, axis=1)
+        # the frame, then one overlay per method and level
+        assert annotated.shape == (HEIGHT, WIDTH * (1 + maps), 3)
+        panels = np.split(annotated, 1 + maps, axis=1)
         # below its caption, the first panel is the frame, up to the codec's round trip
         noise = _mean_difference(panels[0][HEIGHT // 2:], frame[HEIGHT // 2:])
         caption = (slice(0, 10), slice(0, WIDTH // 2))

@@ -3,16 +3,17 @@
 
     python tools/benchmark.py                              # R-50 FPN, 256 px, on the CPU
     python tools/benchmark.py --output docs/benchmark_cpu.json
-    python tools/benchmark.py --device cuda --batch-size 128 --iters 20 --amp
+    python tools/benchmark.py --batch-size 128 --iters 20 --amp --opts MODEL.DEVICE cuda
+    python tools/benchmark.py --config-file configs/fpn_baseline.yaml configs/fal_p2.yaml
 
-The first config is the baseline that ratios are taken against. Synthetic inputs isolate the
-model's cost from data loading. ``--amp`` runs every measurement under fp16 autocast (training
-with a GradScaler), as Detectron2's AMPTrainer trains with SOLVER.AMP.ENABLED. Results go to stdout
-as a table and, with --output, to JSON. A config with an explanation head (MODEL.EXPLAIN_HEAD) is
-timed with the head: in inference its maps are computed, in training its objective runs (outside
-a trainer it ignores START_ITER), and with TRAIN_ONLY_HEAD the training step is the second stage's.
+The first --config-file is the baseline that ratios are taken against. Every config runs on
+MODEL.DEVICE of the overrides, the CPU by default. Synthetic inputs isolate the model's cost from
+data loading. --amp runs every measurement under fp16 autocast (training with a GradScaler), as
+Detectron2's AMPTrainer trains with SOLVER.AMP.ENABLED. Results go to stdout as a table and, with
+--output, to JSON. A config with an explanation head (MODEL.EXPLAIN_HEAD) is timed with the head:
+in inference its maps are computed, in training its objective runs (outside a trainer it ignores
+START_ITER), and with TRAIN_ONLY_HEAD the training step is the second stage's.
 """
-import argparse
 import contextlib
 import datetime
 import json
@@ -22,23 +23,21 @@ import time
 import torch
 from tabulate import tabulate
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 
 import fal_d2  # noqa: F401  (registers models)
-from fal_d2.config import add_fal_config
-from fal_d2.explain import build_saliency_method
+from fal_d2.config import load_config
+from fal_d2.explain import applicable_levels, build_saliency_method
 from fal_d2.utils.atomic_io import atomic_write_json
+from fal_d2.utils.tool_args import ToolArgumentParser, override_value
 
 DEFAULT_CONFIGS = ["configs/fpn_baseline.yaml", "configs/fal_p2p3.yaml", "configs/fal_all.yaml"]
+DEFAULT_DEVICE = "cpu"
 
 
 def load_cfg(config_file, device, opts):
-    cfg = get_cfg()
-    add_fal_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = load_config(config_file, opts)
     cfg.MODEL.DEVICE = device
     return cfg
 
@@ -121,11 +120,9 @@ def measure_inference(model, cfg, batch_size, iters, warmup, device, amp=False):
 
 def measure_explanation_ms(model, cfg, method, levels, batch_size, iters, warmup, device, amp=False):
     """Milliseconds per image to get ``method``'s maps for ``levels`` (None if it does not apply)."""
-    if method in ("attention", "branch_cam"):
-        attended = set(getattr(model.backbone, "attention_branches", {}))
-        levels = [level for level in levels if level in attended]
-        if not levels:
-            return None
+    levels, _ = applicable_levels(method, model, levels)
+    if not levels:
+        return None
     saliency = build_saliency_method(method, model, levels)
     batch = synthetic_batch(cfg, batch_size, device)
 
@@ -139,7 +136,7 @@ def measure_explanation_ms(model, cfg, method, levels, batch_size, iters, warmup
 
 def benchmark(args):
     rows = []
-    for config_file in args.configs:
+    for config_file in args.config_file:
         cfg = load_cfg(config_file, args.device, args.opts)
         torch.manual_seed(0)
         model = build_model(cfg)
@@ -185,17 +182,24 @@ def environment(args):
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="first one is the baseline")
-    parser.add_argument("--device", default="cpu")
+def get_parser():
+    parser = ToolArgumentParser(__doc__)
+    parser.add_config_arguments(nargs="+", default=DEFAULT_CONFIGS,
+                                help="configs to measure; the first is the baseline")
+    parser.add_deprecated_alias("--configs", "--config-file", dest="config_file", nargs="+",
+                                metavar="FILE")
+    parser.add_deprecated_override("--device", "MODEL.DEVICE", metavar="DEVICE")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", action="store_true", help="fp16 autocast, as SOLVER.AMP.ENABLED trains")
     parser.add_argument("--output", help="write the results as JSON here")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    args.device = override_value(args.opts, "MODEL.DEVICE", DEFAULT_DEVICE)
 
     rows = benchmark(args)
     columns = ["config", "params_M", "gflops", "gflops_ratio", "train_img_s", "train_time_ratio",

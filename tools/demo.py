@@ -1,37 +1,43 @@
 #!/usr/bin/env python
-"""Classify images with a trained FAL model and save its built-in explanation maps per level.
+"""Classify images with a trained classifier and save heatmaps of its explanations per level.
 
-    python tools/demo.py --config-file configs/fal_p2p3.yaml --input img.jpg folder/ \
-        --output out/ MODEL.WEIGHTS output/model_final.pth
+    python tools/demo.py --config-file configs/fal_p2p3.yaml --input img.jpg folder/ \\
+        --output out/ --opts MODEL.WEIGHTS output/model_final.pth
+    python tools/demo.py --config-file configs/fpn_baseline.yaml --input img.jpg --output out/ \\
+        --methods gradcam gradcampp --levels p2 p3 --target-class airplane \\
+        --opts MODEL.WEIGHTS output/fpn_baseline/model_final.pth
 
-Folders are searched recursively. For each image and each level with an attention branch, writes
-``<stem>_<level>_class_map.png`` (the branch's class map of the predicted class: the explanation)
-and ``<stem>_<level>_attention.png`` (the attention map M, the branch's feature gate), each a JET
-heatmap blended with the image. An image found in a folder keeps its path relative to that folder
-under --output (the tree is mirrored); a file given directly goes to --output itself. When two
-inputs would still share a stem (``a.jpg`` beside ``a.png``, two files of the same name given
-directly), the later one's stem gets a short hash of its path. ``predictions.json`` maps each
-input path to the predicted class, its score and the heatmap paths.
+For each image, each method and each level it explains, writes <stem>_<level>_<method>.png: a
+JET heatmap of the map blended with the image. --methods defaults to the maps the model computes
+itself when it has attention branches (branch_cam, the branch's class map: the explanation, and
+attention, the attention map M, the branch's feature gate), else gradcam; --levels defaults to
+TEST.EXPLAIN.LEVELS (where a method applies); the class explained is the predicted one unless
+--target-class names another (by index or name). A method with no map on a level asked for
+(branch_cam on a model without branches) is reported in one line; the others are written.
+
+Folders are searched recursively. An image found in a folder keeps its path relative to that
+folder under --output (the tree is mirrored); a file given directly goes to --output itself. When
+two inputs would still share a stem (a.jpg beside a.png, two files of the same name given
+directly), the later one's stem gets a short hash of its path. predictions.json maps each input
+path to the predicted class, its score, the explained class and the heatmap paths.
 
 With --video-input instead of --input, every frame of the video is classified and written to the
-video file --output (mp4v; a folder gets ``<video stem>_explained.mp4``): the frame with its
-predicted class and score, then one JET overlay of the class map per explained level, side by
-side. The video is written to a temp file beside it and renamed at the end, so an interrupted run
-leaves no partial video under the real name; a video that cannot be opened fails with one line
-before anything is written.
+video file --output (mp4v; a folder gets <video stem>_explained.mp4): the frame with its
+predicted class and score, then one JET overlay per method and level, side by side. The video is
+written to a temp file beside it and renamed at the end, so an interrupted run leaves no partial
+video under the real name; a video that cannot be opened fails with one line before anything is
+written.
 
-    python tools/demo.py --config-file configs/fal_p2p3.yaml --video-input clip.mp4 \
-        --output out/clip_explained.mp4 MODEL.WEIGHTS output/model_final.pth
+    python tools/demo.py --config-file configs/fal_p2p3.yaml --video-input clip.mp4 \\
+        --output out/clip_explained.mp4 --opts MODEL.WEIGHTS output/model_final.pth
 
-Overlays are drawn with the longest side capped at --max-side pixels (the model returns its maps
-at that size), so a 6000x6000 photo costs as much memory as a 1024x1024 one. A file that cannot
-be read is reported and skipped; the others go on. Without MODEL.WEIGHTS the demo refuses to run
-(a random model labels images too) unless --allow-random-weights.
+Overlays are drawn with the longest side capped at --max-side pixels (the maps are computed at
+that size), so a 6000x6000 photo costs as much memory as a 1024x1024 one. A file that cannot be
+read is reported and skipped; the others go on. Without MODEL.WEIGHTS the demo refuses to run (a
+random model labels images too) unless --allow-random-weights.
 """
-import argparse
 import contextlib
 import hashlib
-import io
 import itertools
 import logging
 import os
@@ -46,15 +52,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
-
 import fal_d2  # noqa: F401  (registers models and datasets)
+from fal_d2 import Explainer
 from fal_d2.checkpoint import check_weights_given
-from fal_d2.config import add_fal_config, merge_config_file
-from fal_d2.explain.visualize import overlay_heatmap
-from fal_d2.predictor import FALPredictor, to_bgr_uint8
+from fal_d2.config import load_config
+from fal_d2.explain import SALIENCY_METHODS, applicable_levels
+from fal_d2.predictor import to_bgr_uint8
 from fal_d2.utils.atomic_io import atomic_path, atomic_write_bytes, atomic_write_json
+from fal_d2.utils.tool_args import ToolArgumentParser
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv")  # containers that take mp4v here
@@ -185,30 +190,51 @@ def put_caption(image, text):
                 cv2.LINE_AA)
 
 
-def annotate_frame(predictor, frame_bgr, class_names, size):
+def annotate_frame(explainer, frame_bgr, plan, target_class, size):
     """The frame at (height, width) ``size`` with its predicted class and score, then one JET
-    overlay of the class map per explained level, side by side; BGR, for ``cv2.VideoWriter``."""
-    output = predictor(frame_bgr, output_size=size)
+    overlay per method and level of ``plan`` ({method: levels}), side by side; BGR, for
+    ``cv2.VideoWriter``."""
+    explained = explain_image(explainer, frame_bgr, plan, target_class, size)
     height, width = size
     if (height, width) != frame_bgr.shape[:2]:
         frame_bgr = cv2.resize(frame_bgr, (width, height), interpolation=cv2.INTER_AREA)
-    frame_rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
-    panels = [frame_rgb]
-    for level, saliency in output["class_map"].items():
-        panels.append(overlay_heatmap(frame_rgb, saliency.cpu().numpy()))
-        put_caption(panels[-1], f"{level} class map")
-    pred = output["pred_class"]
-    name = class_names[pred] if class_names else str(pred)
-    put_caption(frame_rgb, f"{name} {float(output['scores'][pred]):.2f}")  # after the overlays
-    return cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR)
+    panels = [frame_bgr.copy()]
+    for method, maps in explained.maps.items():
+        for level, saliency in maps.items():
+            panels.append(explainer.draw(frame_bgr, saliency))
+            put_caption(panels[-1], f"{level} {method}")
+    name = explained.class_name or str(explained.pred_class)
+    put_caption(panels[0], f"{name} {float(explained.scores[explained.pred_class]):.2f}")
+    return np.hstack(panels)
 
 
-def load_predictor(cfg, allow_random_weights):
-    """The predictor and the test set's class names (None when the config names no test set)."""
-    predictor = FALPredictor(cfg, allow_random_weights=allow_random_weights)
-    if not cfg.DATASETS.TEST:
-        return predictor, None
-    return predictor, MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes")
+def explain_image(explainer, image_bgr, plan, target_class, size):
+    """The explanation of ``image_bgr`` by every method of ``plan`` on its levels, maps at
+    ``size``: one Explainer call per method, as the methods' levels may differ."""
+    results = [explainer(image_bgr, [method], levels, target_class, size)
+               for method, levels in plan.items()]
+    for result in results[1:]:
+        results[0].maps.update(result.maps)
+    return results[0]
+
+
+def method_plan(explainer, methods, levels):
+    """{method: the levels it is drawn on}: of --levels (default TEST.EXPLAIN.LEVELS), those
+    where it has a map. One line on stderr for each method without a map on a level asked for
+    (or, by default, on any level); it fails only when no method has a map at all."""
+    methods = methods or explainer.default_methods
+    asked = levels or explainer.levels
+    plan = {}
+    for method in methods:
+        drawn, reasons = applicable_levels(method, explainer.model, asked)
+        if reasons and (levels or not drawn):
+            print(f"{method}: no map on {', '.join(reasons)} ({next(iter(reasons.values()))})",
+                  file=sys.stderr)
+        if drawn:
+            plan[method] = drawn
+    if not plan:
+        raise ValueError(f"none of the methods {methods} has a map on the levels {asked}")
+    return plan
 
 
 def run_on_video(args, cfg):
@@ -216,13 +242,16 @@ def run_on_video(args, cfg):
     output_path = video_output_path(args.video_input, args.output)
     capture, first_frame = open_video(args.video_input)
     try:
-        predictor, class_names = load_predictor(cfg, args.allow_random_weights)
+        explainer = Explainer(cfg, allow_random_weights=args.allow_random_weights)
+        plan = method_plan(explainer, args.methods, args.levels)
+        target_class = target_index(explainer, args.target_class)
         fps = capture.get(cv2.CAP_PROP_FPS)
         fps = fps if fps > 0 else 30.0  # 0 or NaN when the container does not say
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None  # an estimate, for the bar
         size = even_frame_size(*first_frame.shape[:2], args.max_side)
         frames = itertools.chain([first_frame], read_frames(capture))
-        annotated = (annotate_frame(predictor, frame, class_names, size) for frame in frames)
+        annotated = (annotate_frame(explainer, frame, plan, target_class, size)
+                     for frame in frames)
         first = next(annotated)  # its width, with the panels, sizes the writer
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
         count = 0
@@ -237,20 +266,20 @@ def run_on_video(args, cfg):
     return 0
 
 
+def target_index(explainer, target_class):
+    """--target-class as a class index (None: the predicted class); checked before any image."""
+    return None if target_class is None else explainer.class_index(target_class)
+
+
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_fal_config(cfg)
-    merge_config_file(cfg, args.config_file)
-    cfg.merge_from_list(args.opts)
-    if args.device:
-        cfg.MODEL.DEVICE = args.device
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", required=True)
+    parser = ToolArgumentParser(__doc__)
+    parser.add_config_arguments()
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files or folders (searched recursively)")
     source.add_argument("--video-input", help="a video file: every frame is classified")
@@ -258,21 +287,31 @@ def get_parser():
                         help="folder for heatmaps and predictions.json; with --video-input, the "
                              f"video to write ({', '.join(VIDEO_EXTENSIONS)}) or a folder for "
                              "<video stem>_explained.mp4")
-    parser.add_argument("--device", help="override MODEL.DEVICE, e.g. cpu")
+    parser.add_argument("--methods", nargs="+", choices=sorted(SALIENCY_METHODS),
+                        metavar="METHOD",
+                        help=f"saliency methods to draw, of {', '.join(sorted(SALIENCY_METHODS))} "
+                             f"(default: branch_cam and attention when the model has attention "
+                             f"branches, else gradcam)")
+    parser.add_argument("--levels", nargs="+",
+                        help="levels to explain (default: TEST.EXPLAIN.LEVELS, where a method "
+                             "applies)")
+    parser.add_argument("--target-class", metavar="CLASS",
+                        help="class to explain, by index or name (default: the predicted class)")
     parser.add_argument("--max-side", type=int, default=1024,
                         help="longest side of the overlays in pixels (default 1024; 0: the "
                              "image's own size, which costs memory on large images)")
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="run even without MODEL.WEIGHTS (a randomly initialised model)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS")
+    parser.add_deprecated_override("--device", "MODEL.DEVICE", metavar="DEVICE")
     return parser
 
 
-def save_png(path, image_rgb):
-    buffer = io.BytesIO()
-    Image.fromarray(image_rgb).save(buffer, format="PNG")
+def save_png(path, image_bgr):
+    ok, buffer = cv2.imencode(".png", image_bgr)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV could not encode the overlay as PNG")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.tobytes())
 
 
 def main(argv=None):
@@ -289,7 +328,9 @@ def main(argv=None):
         print(f"tools/demo.py: error: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
               f"{args.input}", file=sys.stderr)
         return 1
-    predictor, class_names = load_predictor(cfg, args.allow_random_weights)
+    explainer = Explainer(cfg, allow_random_weights=args.allow_random_weights)
+    plan = method_plan(explainer, args.methods, args.levels)
+    target_class = target_index(explainer, args.target_class)
 
     predictions, failures = {}, 0
     for path, stem in tqdm(inputs, desc="images", unit="img"):
@@ -300,21 +341,22 @@ def main(argv=None):
             failures += 1
             continue
         height, width = overlay_size(*image_bgr.shape[:2], args.max_side)
-        output = predictor(image_bgr, output_size=(height, width))
+        explained = explain_image(explainer, image_bgr, plan, target_class, (height, width))
         if (height, width) != image_bgr.shape[:2]:
-            # Resize first (channel order does not matter to it), so that the flip copies a small image.
             image_bgr = np.asarray(Image.fromarray(image_bgr).resize((width, height), Image.BILINEAR))
-        image_rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
-        pred = output["pred_class"]
-        heatmaps = {"class_map": {}, "attention": {}}
-        for kind, maps in heatmaps.items():
-            for level, saliency in output[kind].items():
-                maps[level] = os.path.join(args.output, f"{stem}_{level}_{kind}.png")
-                save_png(maps[level], overlay_heatmap(image_rgb, saliency.cpu().numpy()))
+        heatmaps = {}
+        for method, maps in explained.maps.items():
+            for level, saliency in maps.items():
+                heatmap = os.path.join(args.output, f"{stem}_{level}_{method}.png")
+                save_png(heatmap, explainer.draw(image_bgr, saliency))
+                heatmaps.setdefault(method, {})[level] = heatmap
+        pred = explained.pred_class
         predictions[path] = {
             "pred_class": pred,
-            "class_name": class_names[pred] if class_names else str(pred),
-            "score": float(output["scores"][pred]),
+            "class_name": explained.class_name or str(pred),
+            "score": float(explained.scores[pred]),
+            "explained_class": explained.target_class,
+            "explained_name": explained.target_name or str(explained.target_class),
             "heatmaps": heatmaps,
         }
     os.makedirs(args.output, exist_ok=True)

@@ -15,24 +15,25 @@ Detectors (FALRCNN, FALRetinaNet, their plain-FPN versions) explain each image's
 and their rows are per class of that detection; images without a detection are skipped and
 counted (see fal_d2/explain/detection_targets.py for the rule).
 
-    python tools/explain.py --config-file configs/fpn_baseline.yaml \\
-        --weights output/fpn_baseline/model_final.pth --class-name airplane \\
-        --output output/fpn_baseline/layer_analysis
+    python tools/explain.py --config-file configs/fpn_baseline.yaml --class-name airplane \\
+        --output output/fpn_baseline/layer_analysis \\
+        --opts MODEL.WEIGHTS output/fpn_baseline/model_final.pth
     python tools/explain.py --config-file configs/fal_p2p3.yaml \\
-        --weights output/fal/model_final.pth \\
         --compare-config configs/fpn_baseline.yaml --compare-weights output/fpn/model_final.pth \\
-        --output output/fal_vs_fpn
+        --output output/fal_vs_fpn --opts MODEL.WEIGHTS output/fal/model_final.pth
     python tools/explain.py \\
         --config-file configs/COCO-Detection/fal_faster_rcnn_R_18_FPN_p2p3_shapes.yaml \\
-        --weights output/shapes/model_final.pth --levels p2 p3 --max-images 20 \\
-        --output output/shapes/layer_analysis
+        --levels p2 p3 --max-images 20 --output output/shapes/layer_analysis \\
+        --opts MODEL.WEIGHTS output/shapes/model_final.pth
 
-Writes to --output: ``layer_analysis.md``, ``.csv`` and ``.json`` (the table), ``grid_<method>.png``
-(heatmaps, the two models side by side with --compare-config) and, in one subfolder per model, the
-outputs of :class:`fal_d2.evaluation.ExplanationEvaluator` (``explanation_metrics.json`` with
-every class, heatmap overlays, grids).
+The config overrides apply to both models, except MODEL.WEIGHTS: that is the first model's, and
+the --compare model's weights are --compare-weights (else its config's).
+
+Writes to --output: layer_analysis.md, .csv and .json (the table), grid_<method>.png (heatmaps,
+the two models side by side with --compare-config) and, in one subfolder per model, the outputs
+of fal_d2.evaluation.ExplanationEvaluator (explanation_metrics.json with every class, heatmap
+overlays, grids).
 """
-import argparse
 import csv
 import io
 import itertools
@@ -45,7 +46,6 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
@@ -53,7 +53,7 @@ from detectron2.utils.logger import setup_logger
 import fal_d2  # noqa: F401  (registers the model parts)
 import fal_d2.data  # noqa: F401  (registers the UC Merced datasets)
 from fal_d2.checkpoint import check_weights_given, load_weights
-from fal_d2.config import add_fal_config, merge_config_file
+from fal_d2.config import load_config
 from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.evaluation.budgets import (
@@ -69,6 +69,7 @@ from fal_d2.explain.faithfulness import MASK_CONVENTIONS
 from fal_d2.explain.metrics import BUDGET_MODES, win_rate
 from fal_d2.explain.visualize import explanation_grid, save_grid_figure
 from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text
+from fal_d2.utils.tool_args import ToolArgumentParser, without_override
 
 logger = logging.getLogger("fal_d2.tools.explain")
 
@@ -117,16 +118,16 @@ def add_win_rates(rows, evaluators, reference_label, reference_method, budgets):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--weights", help="checkpoint of the model (default: MODEL.WEIGHTS)")
+    parser = ToolArgumentParser(__doc__)
+    parser.add_config_arguments()
+    parser.add_deprecated_override("--weights", "MODEL.WEIGHTS", metavar="FILE")
     parser.add_argument("--dataset", help="registered dataset (default: DATASETS.TEST[0])")
     parser.add_argument("--class-name", help="one class reported beside all classes, e.g. airplane "
                                              "(for a detector: the class of the top detection)")
     parser.add_argument("--methods", nargs="+", choices=sorted(SALIENCY_METHODS),
-                        help="saliency methods (default: TEST.EXPLAIN.METHODS)")
+                        metavar="METHOD",
+                        help=f"saliency methods, of {', '.join(sorted(SALIENCY_METHODS))} "
+                             f"(default: TEST.EXPLAIN.METHODS)")
     parser.add_argument("--levels", nargs="+",
                         help="levels to explain (default: TEST.EXPLAIN.LEVELS)")
     parser.add_argument("--target", choices=["pred", "gt"],
@@ -157,22 +158,22 @@ def get_parser():
                              "level, of the --compare model if given (default: gradcam)")
     parser.add_argument("--compare-config", metavar="FILE",
                         help="a second model, shown side by side")
-    parser.add_argument("--compare-weights", help="checkpoint of the second model")
+    parser.add_argument("--compare-weights", metavar="FILE",
+                        help="checkpoint of the second model (default: its config's "
+                             "MODEL.WEIGHTS)")
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="explain a model without weights (randomly initialised) instead "
                              "of failing")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="config overrides (KEY VALUE ...), applied to both models")
     return parser
 
 
-def setup_cfg(config_file, weights, args):
-    cfg = get_cfg()
-    add_fal_config(cfg)
-    merge_config_file(cfg, config_file)
-    cfg.merge_from_list(args.opts)
-    if weights:
-        cfg.MODEL.WEIGHTS = weights
+def setup_cfg(config_file, args, compare=False):
+    """The config of the model (``compare``: of the --compare model): the overrides apply to
+    both, except MODEL.WEIGHTS, the first model's; the second's is --compare-weights."""
+    opts = without_override(args.opts, "MODEL.WEIGHTS") if compare else args.opts
+    cfg = load_config(config_file, opts)
+    if compare and args.compare_weights:
+        cfg.MODEL.WEIGHTS = args.compare_weights
     for key, value in [("METHODS", args.methods), ("LEVELS", args.levels), ("TARGET", args.target),
                        ("VIS_PER_CLASS", args.vis_per_class), ("AUC_STEPS", args.auc_steps),
                        ("MASK", args.mask), ("BUDGETS", args.budgets),
@@ -190,7 +191,7 @@ def setup_cfg(config_file, weights, args):
 
 
 def weights_label(config_file):
-    return f"{config_file} (--weights/--compare-weights)"
+    return f"{config_file} (MODEL.WEIGHTS; --compare-weights for --compare-config)"
 
 
 def load_model(cfg, config_file, allow_random_weights=False):
@@ -323,10 +324,8 @@ def main(argv=None):
     setup_logger(name="fal_d2")
     if args.compare_weights and not args.compare_config:
         raise ValueError("--compare-weights needs --compare-config")
-    configs = [(args.config_file, args.weights)]
-    if args.compare_config:
-        configs.append((args.compare_config, args.compare_weights))
-    cfgs = [setup_cfg(config_file, weights, args) for config_file, weights in configs]
+    configs = [args.config_file] + ([args.compare_config] if args.compare_config else [])
+    cfgs = [setup_cfg(config_file, args, compare=i > 0) for i, config_file in enumerate(configs)]
     for key in ("MASK", "BUDGETS", "BUDGET_MODE"):
         if len({str(cfg.TEST.EXPLAIN[key]) for cfg in cfgs}) > 1:
             raise ValueError(f"TEST.EXPLAIN.{key} differs between the two configs; the models "
@@ -345,7 +344,7 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
 
     models, rows, skipped = [], [], {}
-    for (config_file, _), cfg in zip(configs, cfgs):
+    for config_file, cfg in zip(configs, cfgs):
         label = os.path.splitext(os.path.basename(config_file))[0]
         if any(label == other for other, _ in models):
             label += "_compare"

@@ -1,22 +1,22 @@
 #!/usr/bin/env python
 """Export a FAL classifier to TorchScript by tracing: class scores and per-level maps, no Python.
 
-    python tools/export_model.py --config-file configs/fal_p2p3.yaml --format torchscript \
-        --export-method tracing --output output/export MODEL.WEIGHTS output/fal_p2p3/model_final.pth
+    python tools/export_model.py --config-file configs/fal_p2p3.yaml --format torchscript \\
+        --export-method tracing --output output/export \\
+        --opts MODEL.WEIGHTS output/fal_p2p3/model_final.pth
 
-The arguments follow Detectron2's tools/deploy/export_model.py. Writes ``<--output>/model.ts``
-(atomically), a traced :class:`fal_d2.export.TraceableClassifier`: it takes an (N, 3, H, W) uint8
-or float batch, 0-255, in INPUT.FORMAT channel order, resized to INPUT.CLS.SIZE squares, and
-returns a dict: ``scores`` and, per attention level, ``class_map/<level>``, ``attention/<level>``,
-``attention_raw/<level>`` and ``attention_scores/<level>``. The file also carries
-``fal_d2.json`` (read it with ``torch.jit.load(path, _extra_files={"fal_d2.json": ""})``): the
-input convention, the outputs' shapes, the class names and the weights' sha256.
+The arguments follow Detectron2's tools/deploy/export_model.py. Writes <--output>/model.ts
+(atomically), a traced fal_d2.export.TraceableClassifier: it takes an (N, 3, H, W) uint8 or float
+batch, 0-255, in INPUT.FORMAT channel order, resized to INPUT.CLS.SIZE squares, and returns a
+dict: scores and, per attention level, class_map/<level>, attention/<level>,
+attention_raw/<level> and attention_scores/<level>. The file also carries fal_d2.json (read it
+with torch.jit.load(path, _extra_files={"fal_d2.json": ""})): the input convention, the outputs'
+shapes, the class names and the weights' sha256.
 
 The trace is taken on one sample image (--sample-image, else the first image of DATASETS.TEST[0])
 and then checked against the eager model on a batch of two uint8 images; an export that does not
 reproduce it fails. Without MODEL.WEIGHTS the tool refuses to run unless --allow-random-weights.
 """
-import argparse
 import json
 import logging
 import os
@@ -24,18 +24,18 @@ import sys
 
 import torch
 
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 import fal_d2  # noqa: F401  (registers models and datasets)
 from fal_d2.checkpoint import check_weights_given, file_sha256, load_weights
-from fal_d2.config import add_fal_config, merge_config_file
+from fal_d2.config import load_config, model_class_names
 from fal_d2.data import ClassificationDatasetMapper
 from fal_d2.export import MAP_KINDS, compare_with_eager, trace_classifier
 from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
 from fal_d2.utils.atomic_io import atomic_open
+from fal_d2.utils.tool_args import ToolArgumentParser
 
 FORMATS = ("torchscript",)
 EXPORT_METHODS = ("tracing",)
@@ -45,8 +45,8 @@ EAGER_TOLERANCE = 1e-4
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = ToolArgumentParser(__doc__)
+    parser.add_config_arguments()
     parser.add_argument("--format", default="torchscript",
                         help=f"output format; supported: {', '.join(FORMATS)}")
     parser.add_argument("--export-method", default="tracing",
@@ -56,7 +56,6 @@ def get_parser():
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for model.ts")
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="export even without MODEL.WEIGHTS (a randomly initialised model)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS")
     return parser
 
 
@@ -71,10 +70,7 @@ def check_supported(args):
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_fal_config(cfg)
-    merge_config_file(cfg, args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     if not is_classifier(cfg):
         raise ValueError(f"{args.config_file}: MODEL.META_ARCHITECTURE="
                          f"{cfg.MODEL.META_ARCHITECTURE} is not a FALClassifier; only classifiers "
@@ -147,10 +143,7 @@ def main(argv=None):
     with torch.no_grad():
         outputs = describe_outputs(traced(check_batch), cfg.MODEL.CLS_HEAD.NUM_CLASSES)
     size = cfg.INPUT.CLS.SIZE
-    class_names = (MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes")
-                   if cfg.DATASETS.TEST else None)
-    if class_names is not None and len(class_names) != cfg.MODEL.CLS_HEAD.NUM_CLASSES:
-        class_names = None  # the test set's names are not this model's classes
+    class_names = model_class_names(cfg)
     metadata = {
         "input": {"name": "images", "shape": ["N", 3, size, size], "dtype": "uint8 or float",
                   "range": [0, 255], "channel_order": cfg.INPUT.FORMAT,

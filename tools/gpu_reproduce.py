@@ -6,7 +6,7 @@
     python tools/gpu_reproduce.py --runs fpn_baseline_s0 fal_p2p3_s0 --output $OUT/gpu \\
         --stages train analysis
 
-(On the lent GPU machines, which have no package registry, ``tools/gpu_reproduce.sh`` installs the
+(On the lent GPU machines, which have no package registry, tools/gpu_reproduce.sh installs the
 carried dependencies and the data first, then calls this.)
 
 Stages:
@@ -23,15 +23,16 @@ Stages:
             deletion/insertion AUC (explanations.json and explanations.md: means over the seeds), and heatmap grids.
 
 Every stage writes JSON under --output. Re-running with the same --output skips finished runs,
-and a run that was cut off resumes from its last checkpoint. ``--deadline-s`` stops starting runs
+and a run that was cut off resumes from its last checkpoint. --deadline-s stops starting runs
 that the remaining time could not finish (estimated from the runs already made), so a call under
-a hard time limit still ends with its summary written. ``summary.json`` collects everything,
-``runs.md`` holds the runs as a Markdown table, and a short table is printed.
+a hard time limit still ends with its summary written. summary.json collects everything, runs.md
+holds the runs as a Markdown table, and a short table is printed.
 
-``--device cpu`` with config overrides runs the same experiment at a reduced schedule on a CPU
-(docs/RESULTS.md gives the command used for the CPU ablations).
+Config overrides (--opts, or KEY VALUE pairs at the end of the line) apply to every run and
+analysis. With MODEL.DEVICE cpu among them the same experiment runs on a CPU, without AMP; with
+overrides of the schedule, at a reduced one (docs/RESULTS.md gives the command used for the CPU
+ablations).
 """
-import argparse
 import datetime
 import importlib.util
 import json
@@ -55,6 +56,7 @@ from fal_d2.evaluation.budgets import (  # noqa: E402
     table_budget_mode,
 )
 from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
+from fal_d2.utils.tool_args import ToolArgumentParser, override_value  # noqa: E402
 
 # (config, seed) of each run, in the order they are made: the pairs the comparison needs first.
 RUNS = {
@@ -81,6 +83,7 @@ RUNS = {
 BASE_RUNS = {f"{model}_head_s{seed}": f"{model}_s{seed}"
              for model in ("fpn_baseline", "fal_p2p3") for seed in (0, 1)}
 STAGES = ("cost", "train", "analysis")
+DEVICES = ("cuda", "cpu")  # the first is the default
 ANALYSED_RUNS = ("fpn_baseline_s0", "fal_p2p3_s0")  # the analysis needs these two first
 # The explanation comparison: each model against the reference (its Grad-CAM is Win %'s
 # reference), seed by seed, at these levels, in both mask conventions.
@@ -174,9 +177,10 @@ def stage_cost(args, output_dir):
     import benchmark
 
     path = os.path.join(output_dir, "benchmark_gpu.json")
-    benchmark.main(["--configs", *BENCHMARK_CONFIGS, "--device", args.device, "--amp",
+    benchmark.main(["--config-file", *BENCHMARK_CONFIGS, "--amp",
                     "--batch-size", str(args.batch_size), "--iters", str(args.bench_iters),
-                    "--warmup", "3", "--output", path, *layout_opts(args), *args.opts])
+                    "--warmup", "3", "--output", path,
+                    "--opts", "MODEL.DEVICE", args.device, *layout_opts(args), *args.opts])
     loader = [
         measure_loader("configs/fal_p2p3.yaml", ["DATALOADER.NUM_WORKERS", str(workers), *args.opts],
                        args.loader_batches, args.loader_warmup)
@@ -319,9 +323,9 @@ def stage_analysis(args, output_dir):
     if "layers" in args.analyses and not os.path.isfile(
             os.path.join(layer_dir, "layer_analysis.json")):
         run_logged(explain + auc_steps("normalized") + [
-                       "--config-file", RUNS["fpn_baseline_s0"][0], "--weights", baseline,
+                       "--config-file", RUNS["fpn_baseline_s0"][0],
                        "--methods", "gradcam", "gradcampp", "random", "--output", layer_dir,
-                       *common_opts(args)],
+                       "--opts", *common_opts(args), "MODEL.WEIGHTS", baseline],
                    os.path.join(analysis_dir, "layer_analysis_log.txt"))
         metrics = [os.path.join(root, name) for root, _, names in os.walk(layer_dir)
                    for name in names if name == "explanation_metrics.json"]
@@ -340,11 +344,12 @@ def stage_analysis(args, output_dir):
                 if os.path.isfile(os.path.join(out, "layer_analysis.json")):
                     continue
                 run_logged(explain + auc_steps(mask) + [
-                               "--config-file", RUNS[name][0], "--weights", weights[0],
+                               "--config-file", RUNS[name][0],
                                "--compare-config", RUNS[reference][0],
                                "--compare-weights", weights[1],
                                "--methods", *COMPARED_METHODS, "--levels", *COMPARED_LEVELS,
-                               "--mask", mask, "--output", out, *common_opts(args)],
+                               "--mask", mask, "--output", out,
+                               "--opts", *common_opts(args), "MODEL.WEIGHTS", weights[0]],
                            os.path.join(analysis_dir, "comparison_log.txt"))
     summarize_comparison(analysis_dir)
     shrink_grids(analysis_dir)
@@ -531,12 +536,13 @@ def default_vis_per_class():
     return 0
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def get_parser():
+    parser = ToolArgumentParser(__doc__)
+    parser.add_overrides_argument()
     parser.add_argument("--output", default=os.environ.get("OUT", "output/gpu"), metavar="DIR")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_deprecated_override("--device", "MODEL.DEVICE", choices=DEVICES)
     parser.add_argument("--max-iter", type=int, help="override every config's SOLVER.MAX_ITER")
     parser.add_argument("--workers", type=int, default=12, help="DATALOADER.NUM_WORKERS")
     parser.add_argument("--test-batch", type=int, default=64, help="TEST.IMS_PER_BATCH")
@@ -561,11 +567,22 @@ def main(argv=None):
     parser.add_argument("--vis-per-class", type=int, default=default_vis_per_class(),
                         help="test images per class drawn as heatmaps (default: 1 where OpenCV is "
                              "installed, else 0: metrics only)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="config overrides for every run (KEY VALUE ...). They go last, after an "
-                             "option with one value (e.g. --output DIR): a list option such as --runs "
-                             "would take them as its own values")
+    return parser
+
+
+def parse_args(argv=None):
+    """The arguments, with ``device``: the overrides' MODEL.DEVICE, which also decides AMP and
+    the memory layout."""
+    parser = get_parser()
     args = parser.parse_args(argv)
+    args.device = override_value(args.opts, "MODEL.DEVICE", DEVICES[0])
+    if args.device not in DEVICES:
+        parser.error(f"MODEL.DEVICE {args.device}: the experiment runs on one of {DEVICES}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     deadline = Deadline(args.deadline_s)
     os.makedirs(args.output, exist_ok=True)

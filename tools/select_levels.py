@@ -7,16 +7,16 @@
 
 This is the paper's method as a tool: explain a plain FPN classifier level by level, then add
 attention branches where the explanations are weakest. The rule (in
-:mod:`fal_d2.evaluation.level_selection`) ranks levels by lowest Increase in Confidence %, ties
-broken by highest Average Drop %, and keeps the ``--count`` weakest or all levels with Increase in
-Confidence at most ``--max-increase``. AD and IC are taken at the table's smallest budget (each
-map's top k % of pixels) when it has one, so that levels whose maps cover more of the image are not
-favoured; ``--budget 100`` ranks by the whole maps. ``--method branch_cam`` ranks a FAL model's
-own class maps, to see which levels are still weak. The config is loaded with Detectron2 before it replaces
-anything at ``--output``, so a config that this tool writes always loads.
+fal_d2/evaluation/level_selection.py) ranks levels by lowest Increase in Confidence %, ties broken
+by highest Average Drop %, and keeps the --count weakest or all levels with Increase in Confidence
+at most --max-increase. AD and IC are taken at the table's smallest budget (each map's top k % of
+pixels) when it has one, so that levels whose maps cover more of the image are not favoured;
+--budget 100 ranks by the whole maps. --method branch_cam ranks a FAL model's own class maps, to
+see which levels are still weak. The written config inherits --config-file through _BASE_; it is
+loaded with Detectron2 before it replaces anything at --output, so a config that this tool writes
+always loads.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -35,24 +35,26 @@ from fal_d2.evaluation.level_selection import (
     select_weakest_levels,
 )
 from fal_d2.utils.atomic_io import atomic_path
+from fal_d2.utils.tool_args import ToolArgumentParser
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BASE_CONFIG = os.path.join(REPO_ROOT, "configs", "Base-FAL.yaml")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def get_parser():
+    parser = ToolArgumentParser(__doc__)
     parser.add_argument("metrics", help="a baseline's explanation_metrics.json (layer analysis)")
     parser.add_argument(
         "--output", "-o", required=True, help="path of the FAL config YAML to write"
     )
     parser.add_argument(
-        "--base-config",
+        "--config-file",
+        metavar="FILE",
         default=DEFAULT_BASE_CONFIG,
         help="config the output inherits through _BASE_ (default: configs/Base-FAL.yaml)",
     )
+    parser.add_deprecated_alias("--base-config", "--config-file", dest="config_file",
+                                metavar="FILE")
     parser.add_argument(
         "--method", default="gradcam", help="saliency method whose rows rank the levels"
     )
@@ -74,7 +76,7 @@ def parse_args(argv=None):
         metavar="T",
         help="select every level whose Increase in Confidence %% is at most T",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def describe_rule(args):
@@ -91,7 +93,7 @@ def describe_rule(args):
 def render_config(args, ranking, levels):
     """The YAML text; the header records the table and rule, so the config explains itself."""
     base = os.path.relpath(
-        os.path.abspath(args.base_config), os.path.dirname(os.path.abspath(args.output))
+        os.path.abspath(args.config_file), os.path.dirname(os.path.abspath(args.output))
     )
     # json.dumps quotes user-given strings, so a newline in a path cannot break out of a comment.
     lines = [
@@ -146,9 +148,9 @@ def write_verified_config(path, text, levels):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if not os.path.isfile(args.base_config):
-        raise LevelSelectionError(f"base config not found: {args.base_config}")
+    args = get_parser().parse_args(argv)
+    if not os.path.isfile(args.config_file):
+        raise LevelSelectionError(f"base config not found: {args.config_file}")
     output_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(output_dir):
         raise LevelSelectionError(f"output directory does not exist: {output_dir}")

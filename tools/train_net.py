@@ -2,17 +2,19 @@
 """Train and evaluate fal_d2 models (UC Merced classification, COCO detection) with Detectron2.
 
     python tools/train_net.py --config-file configs/fal_p2p3.yaml
-    python tools/train_net.py --config-file configs/fal_p2p3.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
+    python tools/train_net.py --config-file configs/fal_p2p3.yaml --eval-only \\
+        --opts MODEL.WEIGHTS out/model_final.pth
     python tools/train_net.py --config-file configs/fal_p2p3.yaml --num-gpus 8
 
-This is Detectron2's standard ``train_net.py`` with fal_d2's config keys, data mapper and evaluators.
-It fails early, with one line, on what would otherwise give a wrong answer quietly: a typo in the
-config (naming the YAML file), an unknown level (checked before the first iteration), no weights
-for ``--eval-only`` (unless ``--allow-random-weights``) and weights that do not fit the model
-(unless ``MODEL.WEIGHTS_PARTIAL``). Checkpoints are written atomically and ``--resume`` skips a
-damaged one (:mod:`fal_d2.checkpoint`); it is exact, as checkpoints also hold the data position
-and the run's seed (:mod:`fal_d2.engine.exact_resume`). ``--eval-only`` appends its results, with
-the weights file and its sha256, to ``OUTPUT_DIR/metrics.json``.
+This is Detectron2's standard train_net.py with fal_d2's config keys, data mapper and evaluators;
+config overrides go after --opts or, as in Detectron2, at the end of the line. It fails early,
+with one line, on what would otherwise give a wrong answer quietly: a typo in the config (naming
+the YAML file), an unknown level (checked before the first iteration), no weights for --eval-only
+(unless --allow-random-weights) and weights that do not fit the model (unless
+MODEL.WEIGHTS_PARTIAL). Checkpoints are written atomically and --resume skips a damaged one
+(fal_d2/checkpoint.py); it is exact, as checkpoints also hold the data position and the run's
+seed (fal_d2/engine/exact_resume.py). --eval-only appends its results, with the weights file and
+its sha256, to OUTPUT_DIR/metrics.json.
 """
 import json
 import logging
@@ -55,6 +57,7 @@ from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
 from fal_d2.utils.atomic_io import atomic_write_text
 from fal_d2.utils.distributed import broadcast_buffers_from_main_process, end_distributed_run
+from fal_d2.utils.tool_args import ToolArgumentParser
 from fal_d2.weight_ema import WeightEMA
 
 
@@ -177,8 +180,9 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
 
 
 def get_parser():
-    """Detectron2's argument parser, plus --allow-random-weights."""
-    parser = default_argument_parser()
+    """Detectron2's argument parser, plus --opts and --allow-random-weights."""
+    parser = ToolArgumentParser(__doc__, parents=[default_argument_parser()], add_help=False)
+    parser.add_overrides_argument()
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="let --eval-only run without MODEL.WEIGHTS (a random model)")
     return parser

@@ -24,7 +24,7 @@ import detectron2.utils.comm as comm
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 
-from fal_d2.explain import SALIENCY_METHODS
+from fal_d2.explain import SALIENCY_METHODS, applicable_levels
 from fal_d2.explain.faithfulness import INSERTION_BASELINES, MASK_CONVENTIONS
 from fal_d2.explain.scoring import score_explanations
 from fal_d2.explain.build_target import build_target
@@ -227,19 +227,14 @@ class ExplanationEvaluator(DatasetEvaluator):
             )
         explainers = []
         for name in methods:
-            method_class = SALIENCY_METHODS[name]
-            applicable = []
-            for level in levels:
-                try:
-                    method_class(model, [level], target=self._explain_target)
-                    applicable.append(level)
-                except ValueError as e:
-                    self._logger.warning(
-                        f"[ExplanationEvaluator] skipping {name!r} on {level}: {e}"
-                    )
+            applicable, reasons = applicable_levels(name, model, levels, self._explain_target)
+            for level, reason in reasons.items():
+                self._logger.warning(
+                    f"[ExplanationEvaluator] skipping {name!r} on {level}: {reason}"
+                )
             if applicable:
                 explainers.append(
-                    (name, method_class(model, applicable, target=self._explain_target))
+                    (name, SALIENCY_METHODS[name](model, applicable, target=self._explain_target))
                 )
         return explainers
 

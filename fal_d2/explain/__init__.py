@@ -6,7 +6,7 @@ target_classes=None)``; :data:`SALIENCY_METHODS` maps the names used in configs
 (:mod:`fal_d2.explain.targets`): a classifier's class logit, or a detector's top detection
 (:mod:`fal_d2.explain.detection_targets`).
 """
-from typing import Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -22,6 +22,7 @@ from .gradcam import GradCAM
 from .gradcampp import GradCAMPlusPlus
 from .random_map import RandomSaliency
 from .targets import ClassificationTarget, ExplanationTarget, TargetScores
+from .visualize import draw_overlay
 
 __all__ = [
     "SALIENCY_METHODS",
@@ -41,8 +42,10 @@ __all__ = [
     "Saliency",
     "SaliencyMethod",
     "TargetScores",
+    "applicable_levels",
     "build_saliency_method",
     "build_target",
+    "draw_overlay",
     "explanation_mode",
 ]
 
@@ -64,3 +67,23 @@ def build_saliency_method(name: str, model: nn.Module, levels: Sequence[str]) ->
             f"unknown saliency method {name!r}; known methods: {sorted(SALIENCY_METHODS)}"
         )
     return SALIENCY_METHODS[name](model, levels)
+
+
+def applicable_levels(
+    name: str, model: nn.Module, levels: Sequence[str], target: Optional[ExplanationTarget] = None
+) -> Tuple[List[str], Dict[str, str]]:
+    """
+    The levels among ``levels`` where method ``name`` explains ``model`` (e.g. "attention" only
+    where there is a branch), and ``{level: why not}`` for the others, so that a caller can skip
+    them and say why. An unknown method fails as in :func:`build_saliency_method`.
+    """
+    if name not in SALIENCY_METHODS:
+        build_saliency_method(name, model, levels)  # raises, naming the known methods
+    applicable, reasons = [], {}
+    for level in levels:
+        try:
+            SALIENCY_METHODS[name](model, [level], target=target)
+            applicable.append(level)
+        except ValueError as error:
+            reasons[level] = str(error)
+    return applicable, reasons

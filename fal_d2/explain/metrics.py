@@ -55,13 +55,16 @@ def normalize_saliency(
     saliency: torch.Tensor,
     size: Tuple[int, int],
     padded_size: Optional[Tuple[int, int]] = None,
+    output_size: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """
-    Bring (N, h, w) maps to (N, H, W) = ``size`` with values in [0, 1], min-max per image.
+    Bring (N, h, w) maps of images fed to the model at ``size`` to (N, H, W) = ``output_size``
+    (default ``size``) with values in [0, 1], min-max per image.
 
     Maps computed on a padded batch cover ``padded_size`` (default ``size``): they are upsampled
     (bilinear) to it, then cropped to the image's top-left ``size``, as ImageList pads only the
-    bottom and right. A constant map carries no localisation and becomes all zeros (a black
+    bottom and right, then resized (bilinear) to ``output_size``, e.g. the image's own size before
+    the model's resize. A constant map carries no localisation and becomes all zeros (a black
     explanation image), so that Average Drop penalises it instead of rewarding it as all ones
     (E = I, no drop) would.
     """
@@ -69,8 +72,9 @@ def normalize_saliency(
         raise ValueError(f"saliency must be (N, h, w), got shape {tuple(saliency.shape)}")
     size = tuple(size)
     padded_size = tuple(padded_size or size)
-    sizes = [size] * len(saliency)
-    return torch.stack(level_maps_to_images(saliency, padded_size, sizes, sizes, min_max=True))
+    output_size = tuple(output_size or size)
+    return torch.stack(level_maps_to_images(saliency, padded_size, [size] * len(saliency),
+                                            [output_size] * len(saliency), min_max=True))
 
 
 def explanation_images(

@@ -22,6 +22,7 @@ from fal_d2.utils.atomic_io import atomic_save_figure
 __all__ = [
     "ExplanationSample",
     "overlay_heatmap",
+    "draw_overlay",
     "draw_box",
     "sample_image",
     "sample_overlay",
@@ -90,6 +91,19 @@ def overlay_heatmap(image_rgb_uint8: np.ndarray, saliency01, alpha: float = 0.5,
     heatmap = cv2.applyColorMap(levels, cv2.COLORMAP_JET if colormap is None else colormap)
     cv2.cvtColor(heatmap, cv2.COLOR_BGR2RGB, dst=heatmap)
     return cv2.addWeighted(heatmap, alpha, np.ascontiguousarray(image), 1 - alpha, 0.0)
+
+
+def draw_overlay(image_bgr: np.ndarray, saliency01, alpha: float = 0.5,
+                 colormap: Optional[int] = None) -> np.ndarray:
+    """
+    :func:`overlay_heatmap` in OpenCV's channel order: the heatmap of ``saliency01`` over an
+    (H, W, 3) uint8 BGR image (``cv2.imread``), returned as BGR for ``cv2.imwrite``.
+    """
+    image = np.asarray(image_bgr)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 BGR, got {image.dtype} {image.shape}")
+    overlay = overlay_heatmap(np.ascontiguousarray(image[:, :, ::-1]), saliency01, alpha, colormap)
+    return np.ascontiguousarray(overlay[:, :, ::-1])
 
 
 def draw_box(
