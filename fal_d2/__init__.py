@@ -5,5 +5,6 @@ registries and the UC Merced datasets in DatasetCatalog.
 """
 from . import data, modeling  # noqa: F401  (registers datasets and model parts)
 from .config import add_fal_config
+from .version import __version__
 
-__all__ = ["add_fal_config"]
+__all__ = ["__version__", "add_fal_config"]

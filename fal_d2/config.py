@@ -60,6 +60,15 @@ def add_fal_config(cfg):
     cfg.INPUT.CLS.CUTMIX_ALPHA = 0.0  # CutMix (Yun et al., 2019): box area ~ Beta(alpha, alpha); 0 = off
     cfg.INPUT.CLS.MIX_PROB = 1.0  # probability that a batch is mixed; with both on, each is picked half the time
 
+    # Your own images, <ROOT>/<class name>/<image>, registered by the tools as <NAME>_train,
+    # <NAME>_test and <NAME>_all (fal_d2/data/image_folder.py): name them in DATASETS.TRAIN/TEST.
+    cfg.DATASETS.IMAGE_FOLDER = CN()
+    cfg.DATASETS.IMAGE_FOLDER.NAME = ""  # prefix of the registered names; "" = register none
+    cfg.DATASETS.IMAGE_FOLDER.ROOT = ""  # the folder holding one sub-folder of images per class
+    cfg.DATASETS.IMAGE_FOLDER.SPLIT_FILE = ""  # JSON {"train": [...], "test": [...]}; "" = seeded
+    cfg.DATASETS.IMAGE_FOLDER.TEST_FRACTION = 0.2  # seeded split: share of each class for test
+    cfg.DATASETS.IMAGE_FOLDER.SEED = 0  # seeded split: seed of the shuffle (not the training SEED)
+
     cfg.DATALOADER.CACHE_IMAGES = True  # keep decoded images in memory: the set is small, decoding is not
 
     cfg.TEST.IMS_PER_BATCH = 1  # images per inference batch per process; 1 is Detectron2's timing convention

@@ -53,6 +53,7 @@ import fal_d2.data  # noqa: F401  (registers the UC Merced datasets)
 from fal_d2.checkpoint import check_weights_given, load_weights
 from fal_d2.config import add_fal_config, merge_config_file
 from fal_d2.data import ClassificationDatasetMapper, build_batched_test_loader
+from fal_d2.data.image_folder import register_from_config
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.evaluation.budgets import budget_suffix, check_budgets
 from fal_d2.evaluation.explanation_evaluator import check_explain_config
@@ -159,6 +160,7 @@ def setup_cfg(config_file, weights, args):
     add_fal_config(cfg)
     merge_config_file(cfg, config_file)
     cfg.merge_from_list(args.opts)
+    register_from_config(cfg)
     if weights:
         cfg.MODEL.WEIGHTS = weights
     for key, value in [("METHODS", args.methods), ("LEVELS", args.levels), ("TARGET", args.target),

@@ -32,6 +32,7 @@ import fal_d2  # noqa: F401  (registers models and datasets)
 from fal_d2.checkpoint import check_weights_given, file_sha256, load_weights
 from fal_d2.config import add_fal_config, merge_config_file
 from fal_d2.data import ClassificationDatasetMapper
+from fal_d2.data.image_folder import register_from_config
 from fal_d2.export import MAP_KINDS, compare_with_eager, trace_classifier
 from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
@@ -75,6 +76,7 @@ def setup_cfg(args):
     add_fal_config(cfg)
     merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
+    register_from_config(cfg)
     if not is_classifier(cfg):
         raise ValueError(f"{args.config_file}: MODEL.META_ARCHITECTURE="
                          f"{cfg.MODEL.META_ARCHITECTURE} is not a FALClassifier; only classifiers "
