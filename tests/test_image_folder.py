@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -36,6 +35,18 @@ def make_tree(root, classes=CLASSES, per_class=IMAGES_PER_CLASS):
 def relative_paths(root):
     return sorted(f"{c}/{name}" for c in os.listdir(root) if not c.startswith(".")
                   for name in os.listdir(root / c) if name.endswith(".jpg"))
+
+
+def _split_file(tmp, content):
+    path = tmp / "split.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return {"split_file": str(path)}
+
+
+def _of_each_class(root, indices, classes=CLASSES):
+    """The images at ``indices`` (in sorted order) of each class."""
+    paths = relative_paths(root)
+    return [[p for p in paths if p.startswith(f"{c}/")][i] for c in classes for i in indices]
 
 
 @pytest.fixture(autouse=True)
@@ -85,27 +96,14 @@ def test_split_file_gives_exactly_the_listed_images(tmp_path):
     root = make_tree(tmp_path / "tree")
     # The 4th and 5th image of each class are left out.
     split = {"train": _of_each_class(root, [0, 1]), "test": _of_each_class(root, [2])}
-    split_file = tmp_path / "split.json"
-    split_file.write_text(json.dumps(split))
+    split_file = _split_file(tmp_path, split)["split_file"]
 
-    register_image_folder("listed", str(root), split_file=str(split_file))
+    register_image_folder("listed", str(root), split_file=split_file)
     assert [r["image_id"] for r in DatasetCatalog.get("listed_train")] == sorted(split["train"])
     assert [r["image_id"] for r in DatasetCatalog.get("listed_test")] == sorted(split["test"])
     assert len(DatasetCatalog.get("listed_all")) == 9
     metadata = MetadataCatalog.get("listed_train")
-    assert metadata.split_file == str(split_file) and metadata.test_fraction is None
-
-
-def _split_file(tmp, content):
-    path = tmp / "split.json"
-    path.write_text(content if isinstance(content, str) else json.dumps(content))
-    return {"split_file": str(path)}
-
-
-def _of_each_class(root, indices, classes=CLASSES):
-    """The images at ``indices`` (in sorted order) of each class."""
-    paths = relative_paths(root)
-    return [[p for p in paths if p.startswith(f"{c}/")][i] for c in classes for i in indices]
+    assert metadata.split_file == split_file and metadata.test_fraction is None
 
 
 def _remove_root(tmp, root):
@@ -224,8 +222,8 @@ def test_the_class_count_is_checked_against_the_folder(tmp_path):
     train_net = load_script(os.path.join("tools", "train_net.py"))
     args = _train_net_args(train_net, tmp_path / "out", make_tree(tmp_path / "tree"),
                            "MODEL.CLS_HEAD.NUM_CLASSES", "21")
-    with pytest.raises(ValueError,
-                       match="MODEL.CLS_HEAD.NUM_CLASSES=21 but dataset 'mine_train' has 3 classes"):
+    message = "MODEL.CLS_HEAD.NUM_CLASSES=21 but dataset 'mine_train' has 3 classes"
+    with pytest.raises(ValueError, match=message):
         train_net.setup(args)
 
 
@@ -233,7 +231,8 @@ def _tensorboard_images(output_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events_file,) = [name for name in os.listdir(output_dir) if name.startswith("events.out")]
-    accumulator = EventAccumulator(os.path.join(output_dir, events_file), size_guidance={"images": 0})
+    accumulator = EventAccumulator(os.path.join(output_dir, events_file),
+                                   size_guidance={"images": 0})  # 0: keep every image
     accumulator.Reload()
     return {tag: accumulator.Images(tag) for tag in accumulator.Tags()["images"]}
 
@@ -275,4 +274,4 @@ def test_grids_go_to_the_event_storage_only_during_training(tmp_path):
         ((name, image, step),) = storage._vis_data
     assert (name, step) == ("explain/set/gradcam", 7)
     assert image.shape == (3, 20, 30) and image.dtype == np.uint8
-    assert torch.equal(torch.from_numpy(image[:, 0, 0]), torch.tensor([200, 0, 0], dtype=torch.uint8))
+    assert image[:, 0, 0].tolist() == [200, 0, 0]  # RGB, alpha dropped
