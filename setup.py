@@ -1,10 +1,23 @@
 """fal_d2: FPN-ABN Layered networks (FAL) for Detectron2."""
+import os
+
 from setuptools import find_packages, setup
+
+
+def read_version():
+    """fal_d2/version.py's __version__, read without importing fal_d2 (which needs Detectron2)."""
+    namespace = {}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fal_d2", "version.py")
+    with open(path) as f:
+        exec(f.read(), namespace)
+    return namespace["__version__"]
+
 
 setup(
     name="fal_d2",
-    version="0.1.0",
+    version=read_version(),
     description="Attention branches on chosen FPN levels, with built-in visual explanations, for Detectron2",
+    license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["fal_d2", "fal_d2.*"]),
     # Detectron2 itself is not on PyPI: tools/bootstrap_env.sh builds it (see README).

@@ -6,5 +6,6 @@ registries and the UC Merced datasets in DatasetCatalog.
 from . import data, modeling  # noqa: F401  (registers datasets and model parts)
 from .config import add_fal_config
 from .explainer import Explainer, ImageExplanation
+from .version import __version__
 
-__all__ = ["Explainer", "ImageExplanation", "add_fal_config"]
+__all__ = ["Explainer", "ImageExplanation", "__version__", "add_fal_config"]

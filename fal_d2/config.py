@@ -70,6 +70,15 @@ def add_fal_config(cfg):
     cfg.INPUT.CLS.CUTMIX_ALPHA = 0.0  # CutMix (Yun et al., 2019): box area ~ Beta(alpha, alpha); 0 = off
     cfg.INPUT.CLS.MIX_PROB = 1.0  # probability that a batch is mixed; with both on, each is picked half the time
 
+    # Your own images, <ROOT>/<class name>/<image>, registered by the tools as <NAME>_train,
+    # <NAME>_test and <NAME>_all (fal_d2/data/image_folder.py): name them in DATASETS.TRAIN/TEST.
+    cfg.DATASETS.IMAGE_FOLDER = CN()
+    cfg.DATASETS.IMAGE_FOLDER.NAME = ""  # prefix of the registered names; "" = register none
+    cfg.DATASETS.IMAGE_FOLDER.ROOT = ""  # the folder holding one sub-folder of images per class
+    cfg.DATASETS.IMAGE_FOLDER.SPLIT_FILE = ""  # JSON {"train": [...], "test": [...]}; "" = seeded
+    cfg.DATASETS.IMAGE_FOLDER.TEST_FRACTION = 0.2  # seeded split: share of each class for test
+    cfg.DATASETS.IMAGE_FOLDER.SEED = 0  # seeded split: seed of the shuffle (not the training SEED)
+
     cfg.DATALOADER.CACHE_IMAGES = True  # keep decoded images in memory: the set is small, decoding is not
 
     cfg.TEST.IMS_PER_BATCH = 1  # images per inference batch per process; 1 is Detectron2's timing convention
@@ -123,11 +132,15 @@ def model_class_names(cfg) -> Optional[List[str]]:
 
 def load_config(config_file: str, opts: Sequence[str] = ()):
     """A Detectron2 config with fal_d2's keys, ``config_file`` merged (errors name the file), then
-    the ``KEY VALUE`` overrides ``opts``; not frozen, so that a tool can still set its keys."""
+    the ``KEY VALUE`` overrides ``opts``, its image-folder dataset registered; not frozen, so that
+    a tool can still set its keys."""
     cfg = get_cfg()
     add_fal_config(cfg)
     merge_config_file(cfg, config_file)
     cfg.merge_from_list(list(opts))
+    from fal_d2.data.image_folder import register_from_config
+
+    register_from_config(cfg)  # a user's image-folder dataset (DATASETS.IMAGE_FOLDER), if any
     return cfg
 
 

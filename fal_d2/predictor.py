@@ -15,6 +15,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from fal_d2.checkpoint import load_weights
+from fal_d2.data.image_folder import register_from_config
 
 
 def _float_to_uint8(image: np.ndarray) -> np.ndarray:
@@ -86,6 +87,7 @@ class FALPredictor(DefaultPredictor):
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         self.model.eval()
+        register_from_config(cfg)  # the class names of an image-folder DATASETS.TEST[0]
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         self.weights_file = load_weights(self.model, cfg, allow_random_weights=allow_random_weights,

@@ -2,6 +2,8 @@
 import datetime
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,15 +24,48 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.mark.skipif(has_compiled_ops(), reason="an official Detectron2 is installed, not our build")
-def test_every_patch_is_in_the_installed_detectron2():
+def test_every_patch_is_in_the_installed_detectron2_and_fvcore():
     build = load_script(os.path.join("tools", "build_detectron2.py"))
     package_dir = os.path.dirname(detectron2.__file__)
-    for relpath, old, new in build.PATCHES:
-        with open(os.path.join(package_dir, relpath)) as f:
+    target = os.path.dirname(package_dir)
+    patches = [(package_dir, patch) for patch in build.PATCHES]
+    patches += [(target, patch) for patch in build.FVCORE_PATCHES]
+    for root, (relpath, old, new) in patches:
+        with open(os.path.join(root, relpath)) as f:
             text = f.read()
         assert new in text, f"{relpath}: patch not applied: {new!r}"
         if old not in new:
             assert old not in text, f"{relpath}: original text left: {old!r}"
+
+
+@pytest.mark.skipif(has_compiled_ops(), reason="an official Detectron2 is installed, not our build")
+def test_importing_detectron2_and_fal_d2_raises_no_future_warning():
+    # A fresh interpreter: this one has imported both already, and warnings fire only once.
+    command = "import detectron2.modeling, detectron2.engine, fal_d2"
+    result = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", command],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_scripting_at_import_still_happens():
+    from fvcore.nn import sigmoid_focal_loss, sigmoid_focal_loss_jit, sigmoid_focal_loss_star_jit
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    assert isinstance(sigmoid_focal_loss_jit, torch.jit.ScriptFunction)
+    assert isinstance(sigmoid_focal_loss_star_jit, torch.jit.ScriptFunction)
+    torch.manual_seed(0)
+    logits, targets = torch.randn(8, 3), (torch.rand(8, 3) > 0.5).float()
+    torch.testing.assert_close(sigmoid_focal_loss_jit(logits, targets, 0.25, 2.0, "sum"),
+                               sigmoid_focal_loss(logits, targets, 0.25, 2.0, "sum"))
+
+    # A TorchScript class since import (as in upstream), which scripted code can construct.
+    assert torch.jit._state._get_script_class(Box2BoxTransform) is not None
+    @torch.jit.script
+    def apply_identity_deltas(boxes: torch.Tensor) -> torch.Tensor:
+        return Box2BoxTransform((1.0, 1.0, 1.0, 1.0)).apply_deltas(torch.zeros(1, 4), boxes)
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    torch.testing.assert_close(apply_identity_deltas(boxes), boxes)
 
 
 def _count_conv_flops(model, inputs):

@@ -16,7 +16,6 @@ START_ITER), and with TRAIN_ONLY_HEAD the training step is the second stage's.
 """
 import contextlib
 import datetime
-import json
 import platform
 import time
 

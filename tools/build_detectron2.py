@@ -17,7 +17,11 @@ smallest patches that make v0.6 import and run on today's libraries:
 * the ``LRScheduler`` hook saved and restored only ``_LRScheduler`` subclasses, so on torch 2.x
   ``--resume`` restarted a ``torch.optim`` schedule such as ``StepLR``;
 * ``launch()`` required CUDA and NCCL, and ``create_ddp_model`` passed ``device_ids`` for a model
-  on the CPU: several processes now train on the CPU with gloo.
+  on the CPU: several processes now train on the CPU with gloo;
+* ``torch.jit.script`` warns (FutureWarning) on current PyTorch, and ``detectron2.modeling``
+  scripted two classes at import, so every program began with deprecation warnings: they are
+  scripted as before, without the warning. fvcore, which ``requirements.txt`` installed into the
+  same ``--target``, gets the same patch for its two scripted focal losses.
 
 Where upstream Detectron2 later fixed a defect, the patch does what upstream did (commit cited
 beside it).
@@ -102,6 +106,18 @@ if not HAS_COMPILED_OPS:
     _C = _MissingCompiledOps()
 '''
 
+# torch.jit.script warns (FutureWarning) on current PyTorch. Detectron2 and fvcore script a few
+# functions and classes at import; the warning is about PyTorch's API, which no user of them can
+# act on, so those call sites script without it. What is scripted, and when, is unchanged.
+SCRIPT_QUIETLY = '''
+
+def _script_quietly(obj):
+    """``torch.jit.script(obj)`` without its deprecation warning (added by fal_d2's build)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        return torch.jit.script(obj)
+'''
+
 IMPORT_C = "from detectron2 import _C\n"
 LAZY_C = "from detectron2._compiled_ops import _C\n"
 
@@ -178,6 +194,44 @@ PATCHES = [
         '    if "device_ids" not in kwargs:\n',
         '    if "device_ids" not in kwargs and any(p.is_cuda for p in model.parameters()):\n',
     ),
+    # Box2BoxTransform(Rotated) are TorchScript classes, compiled at import: see SCRIPT_QUIETLY.
+    ("modeling/box_regression.py", "import math\n", "import math\nimport warnings\n"),
+    (
+        "modeling/box_regression.py",
+        "from detectron2.structures import Boxes\n",
+        "from detectron2.structures import Boxes\n" + SCRIPT_QUIETLY,
+    ),
+    (
+        "modeling/box_regression.py",
+        "@torch.jit.script\nclass Box2BoxTransform(object):",
+        "@_script_quietly\nclass Box2BoxTransform(object):",
+    ),
+    (
+        "modeling/box_regression.py",
+        "@torch.jit.script\nclass Box2BoxTransformRotated(object):",
+        "@_script_quietly\nclass Box2BoxTransformRotated(object):",
+    ),
+]
+
+
+# (path relative to the --target directory, original text, replacement), like PATCHES.
+FVCORE_PATCHES = [
+    ("fvcore/nn/focal_loss.py", "\nimport torch\n", "\nimport warnings\n\nimport torch\n"),
+    (
+        "fvcore/nn/focal_loss.py",
+        "from torch.nn import functional as F\n",
+        "from torch.nn import functional as F\n" + SCRIPT_QUIETLY,
+    ),
+    (
+        "fvcore/nn/focal_loss.py",
+        'sigmoid_focal_loss_jit: "torch.jit.ScriptModule" = torch.jit.script(sigmoid_focal_loss)',
+        'sigmoid_focal_loss_jit: "torch.jit.ScriptModule" = _script_quietly(sigmoid_focal_loss)',
+    ),
+    (
+        "fvcore/nn/focal_loss.py",
+        'sigmoid_focal_loss_star_jit: "torch.jit.ScriptModule" = torch.jit.script(\n',
+        'sigmoid_focal_loss_star_jit: "torch.jit.ScriptModule" = _script_quietly(\n',
+    ),
 ]
 
 
@@ -205,17 +259,16 @@ def fetch_sdist(cache_dir):
     return path
 
 
-def apply_patches(package_dir):
-    for relpath, old, new in PATCHES:
-        path = os.path.join(package_dir, relpath)
+def apply_patches(root, patches):
+    """Apply (path relative to ``root``, original text, replacement) patches in order."""
+    for relpath, old, new in patches:
+        path = os.path.join(root, relpath)
         with open(path) as f:
             text = f.read()
         if old not in text:
             raise SystemExit(f"error: {path}: expected text to patch not found: {old!r}")
         with open(path, "w") as f:
             f.write(text.replace(old, new))
-    with open(os.path.join(package_dir, "_compiled_ops.py"), "w") as f:
-        f.write(COMPILED_OPS_MODULE)
 
 
 def build(target, cache_dir):
@@ -227,12 +280,15 @@ def build(target, cache_dir):
             members = [m for m in tar.getmembers() if "/detectron2/" in m.name]
             tar.extractall(staging, members=members, filter="data")
         package_dir = os.path.join(staging, "pb1-detectron2-0.6", "detectron2")
-        apply_patches(package_dir)
+        apply_patches(package_dir, PATCHES)
+        with open(os.path.join(package_dir, "_compiled_ops.py"), "w") as f:
+            f.write(COMPILED_OPS_MODULE)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(package_dir, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    apply_patches(target, FVCORE_PATCHES)
     dist_info = os.path.join(target, "detectron2-0.6.dist-info")
     os.makedirs(dist_info, exist_ok=True)
     with open(os.path.join(dist_info, "METADATA"), "w") as f:
@@ -246,7 +302,8 @@ def build(target, cache_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="site directory to install into")
+    parser.add_argument("--target", required=True,
+                        help="site directory holding requirements.txt's packages, to install into")
     parser.add_argument("--cache-dir", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fal_d2"),
         help="where the downloaded sdist is kept")

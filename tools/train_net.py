@@ -23,7 +23,6 @@ import os
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetMapper,
     MetadataCatalog,
@@ -35,14 +34,9 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_resul
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils.logger import setup_logger
 
-import fal_d2  # noqa: F401  (registers models and datasets)
+import fal_d2  # registers models and datasets
 from fal_d2.checkpoint import FALCheckpointer, check_weights_given, file_sha256
-from fal_d2.config import (
-    add_fal_config,
-    check_config_against_datasets,
-    check_training_recipe,
-    merge_config_file,
-)
+from fal_d2.config import check_config_against_datasets, check_training_recipe, load_config
 from fal_d2.data import (
     ClassificationDatasetMapper,
     build_batched_test_loader,
@@ -53,6 +47,7 @@ from fal_d2.engine import ExactResumeMixin
 from fal_d2.evaluation import ClassificationEvaluator, ExplanationEvaluator
 from fal_d2.evaluation.explanation_evaluator import check_explain_config
 from fal_d2.evaluation.report import write_evaluation_report
+from fal_d2.evaluation.tensorboard_grids import put_explanation_grids
 from fal_d2.levels import check_levels
 from fal_d2.task import is_classifier
 from fal_d2.utils.atomic_io import atomic_write_text
@@ -147,7 +142,7 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
         """
         Detectron2's test, with the model handed to the evaluators and an HTML report per dataset.
         ``weights_note`` says in the report which weights were evaluated; None: the model being
-        trained in this run.
+        trained in this run. During training, the explanation grids also go to TensorBoard.
         """
         if weights_note is None:
             start = f"initialised from {cfg.MODEL.WEIGHTS}" if cfg.MODEL.WEIGHTS else "from scratch"
@@ -176,6 +171,9 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
                     notes=f"config: {cfg.MODEL.META_ARCHITECTURE}, "
                     f"attention levels {list(cfg.MODEL.FAL.ATTENTION_LEVELS)}, {weights_note}",
                 )
+                if cfg.TEST.EXPLAIN.ENABLED and cfg.TEST.EXPLAIN.VIS_PER_CLASS > 0:
+                    put_explanation_grids(os.path.join(explain_root, dataset_name), dataset_name,
+                                          cfg.TEST.EXPLAIN.METHODS)
         return results
 
 
@@ -189,10 +187,7 @@ def get_parser():
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_fal_config(cfg)
-    merge_config_file(cfg, args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("fal_d2").warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
@@ -228,10 +223,12 @@ def print_outputs(cfg):
 
 def write_eval_metrics(cfg, results, weights_file, sha256, iteration):
     """Add one JSON line to OUTPUT_DIR/metrics.json, in the trainer's writer's format: the results
-    flattened ("classification/top1"...), the weights file, its sha256 and its iteration. The file
-    is rewritten atomically, so a kill cannot leave the earlier lines half-written."""
+    flattened ("classification/top1"...), the weights file, its sha256, its iteration and fal_d2's
+    version. The file is rewritten atomically, so a kill cannot leave the earlier lines
+    half-written."""
     record = {"eval_only": True, "weights": weights_file, "weights_sha256": sha256,
-              "iteration": iteration, **flatten_results_dict(results)}
+              "iteration": iteration, "fal_d2_version": fal_d2.__version__,
+              **flatten_results_dict(results)}
     path = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
     existing = ""
     if os.path.isfile(path):

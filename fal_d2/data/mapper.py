@@ -139,7 +139,10 @@ class ClassificationDatasetMapper:
         if self.cache is not None and file_name in self.cache:
             image, original_size = self.cache[file_name]
             return image.copy(), original_size  # augmentations may not alter the cached image
-        image = read_image(file_name, format=self.image_format)
+        try:
+            image = read_image(file_name, format=self.image_format)
+        except OSError as error:  # a truncated or corrupt file: PIL's message omits its name
+            raise OSError(f"{file_name}: cannot read the image ({error})") from error
         check_image_size(dataset_dict, image)
         original_size = image.shape[:2]
         # A writable copy: PIL-backed arrays are read-only, which T.VFlip's torch path warns about.

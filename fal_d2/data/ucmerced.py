@@ -10,11 +10,13 @@ the split applies to any copy of the images (TIFF original, WebP, PNG, JPEG).
 """
 import json
 import os
-import random
 
-from PIL import Image
-
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from .classification_catalog import (
+    IMAGE_EXTENSIONS,
+    classification_record,
+    register_classification_split,
+    seeded_class_shuffle,
+)
 
 __all__ = [
     "CLASS_NAMES",
@@ -58,14 +60,13 @@ NUM_TEST_PER_CLASS = 20
 NUM_VAL_PER_CLASS = 10
 # "trainval" is train + val: the set to retrain on once hyper-parameters are chosen on val.
 SPLITS = {"train": ("train",), "val": ("val",), "trainval": ("train", "val"), "test": ("test",)}
-IMAGE_EXTENSIONS = (".tif", ".tiff", ".webp", ".png", ".jpg", ".jpeg")
 
 
 def build_ucmerced_split(stems_by_class, seed=SPLIT_SEED):
     """
-    Build the stratified split deterministically: per class, sorted stems -> shuffle with one
-    ``random.Random(seed)`` visiting classes in sorted order -> the first NUM_TEST_PER_CLASS are
-    test, the next NUM_VAL_PER_CLASS val, the rest train.
+    Build the stratified split deterministically: per class, the stems shuffled by
+    :func:`~fal_d2.data.classification_catalog.seeded_class_shuffle` -> the first
+    NUM_TEST_PER_CLASS are test, the next NUM_VAL_PER_CLASS val, the rest train.
 
     Args:
         stems_by_class (dict[str, list[str]]): class name -> image stems, in any order.
@@ -74,13 +75,10 @@ def build_ucmerced_split(stems_by_class, seed=SPLIT_SEED):
     Returns:
         dict: {"seed": seed, "train"/"val"/"test": {class name: sorted stems}}.
     """
-    rng = random.Random(seed)
     split = {"seed": seed, "train": {}, "val": {}, "test": {}}
-    for class_name in sorted(stems_by_class):
-        stems = sorted(stems_by_class[class_name])
+    for class_name, stems in seeded_class_shuffle(stems_by_class, seed):
         if len(stems) <= NUM_TEST_PER_CLASS + NUM_VAL_PER_CLASS:
             raise ValueError(f"class {class_name!r} has only {len(stems)} images, too few to split")
-        rng.shuffle(stems)
         num_heldout = NUM_TEST_PER_CLASS + NUM_VAL_PER_CLASS
         split["test"][class_name] = sorted(stems[:NUM_TEST_PER_CLASS])
         split["val"][class_name] = sorted(stems[NUM_TEST_PER_CLASS:num_heldout])
@@ -158,19 +156,9 @@ def load_ucmerced(root, split, allow_missing=False):
             raise FileNotFoundError(
                 f"{os.path.join(class_dir, stem)}.*: image of split {split!r} is missing"
             )
-        file_name = os.path.join(class_dir, file_name)
-        with Image.open(file_name) as image:  # lazy: parses the header only
-            width, height = image.size
-        dataset_dicts.append(
-            {
-                "file_name": file_name,
-                "image_id": stem,
-                "height": height,
-                "width": width,
-                "label": CLASS_NAMES.index(class_name),
-                "class_name": class_name,
-            }
-        )
+        dataset_dicts.append(classification_record(
+            os.path.join(class_dir, file_name), stem, CLASS_NAMES.index(class_name), class_name
+        ))
     return dataset_dicts
 
 
@@ -179,10 +167,8 @@ def register_ucmerced(root, prefix="ucmerced", allow_missing=False):
     Register "<prefix>_train", "<prefix>_val", "<prefix>_trainval" and "<prefix>_test". Loading
     is lazy, so registering needs no data on disk.
 
-    Metadata: ``thing_classes`` holds the class names because Detectron2's Visualizer and
-    evaluators look class names up under that key; ``evaluator_type="classification"`` lets a
-    trainer pick the accuracy evaluator; ``dataset_root`` and ``split`` say where the images
-    came from.
+    Metadata: see :func:`~fal_d2.data.classification_catalog.register_classification_split`;
+    ``dataset_root`` and ``split`` say where the images came from.
 
     Args:
         root (str): the dataset folder, see :func:`load_ucmerced`.
@@ -195,13 +181,11 @@ def register_ucmerced(root, prefix="ucmerced", allow_missing=False):
     names = []
     for split in SPLITS:
         name = f"{prefix}_{split}"
-        DatasetCatalog.register(
-            name, lambda split=split: load_ucmerced(root, split, allow_missing=allow_missing)
-        )
-        MetadataCatalog.get(name).set(
-            thing_classes=list(CLASS_NAMES),
+        register_classification_split(
+            name,
+            lambda split=split: load_ucmerced(root, split, allow_missing=allow_missing),
+            CLASS_NAMES,
             dataset_root=root,
-            evaluator_type="classification",
             split=split,
         )
         names.append(name)

@@ -42,6 +42,7 @@ from fal_d2.evaluation.budgets import (
 )
 from fal_d2.evaluation.labels import checked_label
 from fal_d2.utils.atomic_io import atomic_write_bytes, atomic_write_json
+from fal_d2.version import __version__
 
 __all__ = ["ExplanationEvaluator"]
 
@@ -422,6 +423,7 @@ class ExplanationEvaluator(DatasetEvaluator):
         atomic_write_json(
             os.path.join(self._output_dir, "explanation_metrics.json"),
             {
+                "fal_d2_version": __version__,
                 "dataset": self._dataset_name,
                 "task": self.task,
                 "target": self._target,
