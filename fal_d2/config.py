@@ -31,8 +31,8 @@ def add_fal_config(cfg):
     cfg.MODEL.EXPLAIN_HEAD = CN()
     cfg.MODEL.EXPLAIN_HEAD.ENABLED = False  # build the head (outputs "explanation"; method "head")
     cfg.MODEL.EXPLAIN_HEAD.LEVELS = ["p2", "p3"]  # backbone outputs that get a head
-    cfg.MODEL.EXPLAIN_HEAD.CHANNELS = 64  # width of the head's 3x3 convs
-    cfg.MODEL.EXPLAIN_HEAD.NUM_CONVS = 2  # 3x3 conv+BN+ReLU layers before the 1x1 conv to K maps
+    cfg.MODEL.EXPLAIN_HEAD.CHANNELS = 64  # a 1x1 conv first reduces the level to this width
+    cfg.MODEL.EXPLAIN_HEAD.NUM_CONVS = 2  # 3x3 conv+BN+ReLU layers after it, before the 1x1 conv to K maps
     cfg.MODEL.EXPLAIN_HEAD.TARGET = "pred"  # class trained for: "pred" (frozen model's) or "label"
     cfg.MODEL.EXPLAIN_HEAD.KEEP_WEIGHT = 1.0  # weight of CE(f(T*x), c): the top k % keeps c
     cfg.MODEL.EXPLAIN_HEAD.DESTROY_WEIGHT = 1.0  # weight of p_c(f((1-T)*x)): hiding it loses c

@@ -20,8 +20,10 @@ __all__ = ["ExplanationHead", "build_explanation_heads", "check_explain_head_con
 
 
 class ExplanationHead(nn.Module):
-    """``num_convs`` x (3x3 conv, BN, ReLU) at ``channels`` wide, then a 1x1 conv to K class logits
-    at the level's resolution; the map of class c is sigmoid(logit c), in [0, 1].
+    """A 1x1 conv that reduces the level to ``channels`` (as the attention branches do: p2 has
+    the most positions, so its width sets the head's cost), ``num_convs`` x (3x3 conv) at that
+    width, each conv followed by BN and ReLU, then a 1x1 conv to K class logits at the level's
+    resolution; the map of class c is sigmoid(logit c), in [0, 1].
 
     ``num_updates`` (int64, saved in checkpoints) counts the training steps that computed the
     head's objective: 0 means a head that was never trained, whose maps mean nothing.
@@ -30,13 +32,14 @@ class ExplanationHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, channels: int = 64, num_convs: int = 2):
         super().__init__()
         layers: List[nn.Module] = []
-        for index in range(num_convs):
-            layers += [nn.Conv2d(in_channels if index == 0 else channels, channels, kernel_size=3,
-                                 padding=1, bias=False),
+        for index in range(num_convs + 1):
+            kernel = 1 if index == 0 else 3
+            layers += [nn.Conv2d(in_channels if index == 0 else channels, channels, kernel,
+                                 padding=kernel // 2, bias=False),
                        nn.BatchNorm2d(channels),
                        nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
-        self.class_logits = nn.Conv2d(channels if num_convs else in_channels, num_classes, 1)
+        self.class_logits = nn.Conv2d(channels, num_classes, 1)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 c2_msra_fill(module)
