@@ -160,6 +160,40 @@ def test_second_stage_model_trains_only_the_head(config):
                for key, value in _outside_head(model.state_dict()).items())
 
 
+@pytest.mark.parametrize("target", ["pred", "label"])
+def test_maps_are_trained_for_the_frozen_prediction_or_the_label(target):
+    _, model = _pair("fal_p2p3.yaml", "MODEL.EXPLAIN_HEAD.TARGET", target)
+    inputs = _inputs(4)
+    with torch.no_grad():
+        predicted = [output["pred_class"] for output in model.eval()(inputs)]
+    expected = predicted if target == "pred" else [x["label"] for x in inputs]
+    assert predicted != [x["label"] for x in inputs]
+    explained = []
+    for head in model.explanation_head.values():
+        def recording(features, classes, class_maps=head.class_maps):
+            explained.append(classes.tolist())
+            return class_maps(features, classes)
+        head.class_maps = recording
+    model.train()(inputs)
+    assert explained == [expected, expected]
+
+
+def test_draws_depend_only_on_the_seed_and_the_update_count():
+    """The images and budgets drawn at a step follow from (SEED, the heads' num_updates), not
+    from the global RNG: a copy at the same count draws the same, the next step draws anew."""
+    _, model = _pair("fal_p2p3.yaml", "MODEL.EXPLAIN_HEAD.IMS_PER_LEVEL", 2, "SEED", 3)
+    model.train()
+    copy = build_model(make_tiny_cfg("fal_p2p3.yaml", *ON, "MODEL.EXPLAIN_HEAD.IMS_PER_LEVEL", 2,
+                                     "SEED", 3)).train()
+    copy.load_state_dict(model.state_dict())
+    inputs = _inputs(6)
+    torch.manual_seed(0)
+    first = model(inputs)
+    torch.manual_seed(1)
+    assert torch.equal(copy(inputs)["loss_head_keep"], first["loss_head_keep"])
+    assert not torch.equal(model(inputs)["loss_head_keep"], first["loss_head_keep"])
+
+
 # ---------------------------------------------------------------- maps and objective
 
 
