@@ -323,7 +323,7 @@ def test_random_control_is_deterministic_per_image_and_differs_between_images():
 
 
 def test_random_control_is_the_same_on_any_model_level_and_batch():
-    image = _photo(2)
+    image = _photo(2, 96, 96)
     toy = _random_maps(EvidenceClassifier(), [{"image": image}], [LEVEL])[LEVEL][0]
     torch.manual_seed(0)
     classifier = build_model(make_tiny_cfg("fal_p2p3.yaml")).eval()
@@ -333,9 +333,9 @@ def test_random_control_is_the_same_on_any_model_level_and_batch():
     torch.manual_seed(0)
     detector = build_model(make_tiny_cfg(
         "COCO-Detection/faster_rcnn_R_50_FPN_baseline_1x.yaml",
-        *tiny_detection_overrides("unused_train", "unused_val", 64),
+        *tiny_detection_overrides("unused_train", "unused_val", 96),
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)).eval()
-    small = image[:, :24, :30]  # padded to 32 x 32 alone, to 64 x 64 beside the larger image
+    small = image[:, :40, :56]  # padded to 64 x 64 alone, to 96 x 96 beside the larger image
     alone = _random_maps(detector, [{"image": small}], ["p3"])["p3"][0]
     padded = _random_maps(detector, [{"image": image}, {"image": small}], ["p3"])["p3"]
     assert torch.equal(padded[1], alone) and torch.equal(padded[0], toy)
