@@ -18,8 +18,8 @@ Stages:
             after it from its model_final.pth;
   analysis  tools/explain.py's layer analysis of the first FPN baseline run, tools/select_levels.py
             on it, then, for every seed with the runs, FAL (fal_p2p3) against the FPN baseline
-            of the same seed: Grad-CAM, the attention map M and the branch class map at p2 and p3, in both
-            mask conventions, with budgets, coverage, Win % and deletion/insertion AUC
+            of the same seed: Grad-CAM, the attention map M and the branch class map at p2 and
+            p3, in both mask conventions, with budgets, coverage, Win % and deletion/insertion AUC
             (explanations.json and explanations.md: means over the seeds), and heatmap grids.
 
 Every stage writes JSON under --output. Re-running with the same --output skips finished runs,
