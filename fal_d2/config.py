@@ -164,9 +164,10 @@ REMOVED_KEYS = {
 
 
 def removed_key_message(message: str):
-    """For yacs's "Non-existent config key: K" about a removed key K, a line saying so and what
-    replaces it; None for any other message."""
-    match = re.fullmatch(r"Non-existent config key: (\S+)", message)
+    """For yacs's "Non-existent config key: K" (from a file) or "Non-existent key: K" (from
+    ``merge_from_list``) about a removed key K, a line saying so and what replaces it; None for
+    any other message."""
+    match = re.fullmatch(r"Non-existent (?:config )?key: (\S+)", message)
     key = match.group(1) if match else ""
     for removed, replacement in REMOVED_KEYS.items():
         if key == removed or key.startswith(removed + "."):

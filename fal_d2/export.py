@@ -26,7 +26,7 @@ MAP_KINDS = {
     "attention": "attention map M in [0, 1], at the input size",
     "attention_raw": "attention map M at the level's resolution",
     "attention_scores": "the branch's own softmax over the classes",
-    "explanation": "the explanation head's map of the predicted class, in [0, 1], at the input size",
+    "explanation": "the explanation head's map of the predicted class in [0, 1], at the input size",
 }
 
 

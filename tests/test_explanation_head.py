@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from fal_d2.checkpoint import WeightsError
-from fal_d2.config import merge_config_file
+from fal_d2.config import merge_config_file, removed_key_message
 from fal_d2.evaluation import ExplanationEvaluator
 from fal_d2.explain import SALIENCY_METHODS, ExplanationHeadSaliency, build_saliency_method
 from fal_d2.levels import check_levels
@@ -336,6 +336,12 @@ def test_a_config_with_the_removed_faithful_map_keys_fails_naming_the_replacemen
                                          rf"removed; MODEL.EXPLAIN_HEAD replaces it") as error:
         merge_config_file(cfg, str(config))
     assert "\n" not in str(error.value)
+    with pytest.raises(AssertionError) as error:  # a command-line override
+        cfg.merge_from_list(["MODEL.FAL.FAITHFUL_MAP.START_ITER", "5"])
+    assert removed_key_message(str(error.value)) == (
+        "MODEL.FAL.FAITHFUL_MAP.START_ITER: this key was removed; MODEL.EXPLAIN_HEAD replaces it "
+        "(a decoupled explanation head that cannot change the prediction)")
+    assert removed_key_message("Non-existent config key: MODEL.FAL.FAITHFUL") is None
 
 
 # ---------------------------------------------------------------- the second stage in train_net
@@ -396,7 +402,7 @@ def test_second_stage_weights_must_hold_everything_but_the_head(tmp_path, mini_d
         (tmp_path / "fpn.pth",
          rf"^{tmp_path / 'fpn.pth'} does not fit the FALClassifier: \d+ tensor\(s\) of the model "
          r"missing from the file \(e.g. backbone.attention_branches.\S+\) \(this run trains only "
-         r"explanation_head.\*: the file must hold every other tensor\); set MODEL.WEIGHTS_PARTIAL"),
+         r"explanation_head.\*: the file must hold every other tensor\); set MODEL.WEIGHTS_"),
         ("", r"^MODEL.WEIGHTS is empty, but this run trains only explanation_head.\*: give the "
              r"weights of the rest$"),
     ]:

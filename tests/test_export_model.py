@@ -195,8 +195,8 @@ def test_model_without_branches_exports_its_explanation_head(mini_datasets, tmp_
     """fpn_baseline with an explanation head: scores and the head's maps, as the eager model."""
     _, test_set = mini_datasets
     cfg, model = tiny_model_with_weights("fpn_baseline.yaml", test_set, tmp_path / "w.pth", *HEAD)
-    load_script(TOOL).main(["--config-file", os.path.join(REPO_ROOT, "configs", "fpn_baseline.yaml"),
-                            "--output", str(tmp_path / "out")]
+    config = os.path.join(REPO_ROOT, "configs", "fpn_baseline.yaml")
+    load_script(TOOL).main(["--config-file", config, "--output", str(tmp_path / "out")]
                            + export_opts(test_set, tmp_path / "w.pth", *HEAD))
     exported, metadata = load_exported(str(tmp_path / "out" / "model.ts"))
     assert list(metadata["outputs"]) == ["scores", "explanation/p2", "explanation/p3"]

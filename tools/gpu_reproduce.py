@@ -20,7 +20,8 @@ Stages:
             on it, then, for every seed with the runs, FAL (fal_p2p3) against the FPN baseline
             of the same seed: Grad-CAM, the attention map M, the branch class map and the random
             control at p2 and p3, in both mask conventions, with budgets, coverage, Win % and
-            deletion/insertion AUC (explanations.json and explanations.md: means over the seeds), and heatmap grids.
+            deletion/insertion AUC (explanations.json and explanations.md: means over the seeds),
+            and heatmap grids.
 
 Every stage writes JSON under --output. Re-running with the same --output skips finished runs,
 and a run that was cut off resumes from its last checkpoint. --deadline-s stops starting runs
