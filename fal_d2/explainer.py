@@ -29,8 +29,10 @@ from fal_d2.task import is_classifier
 
 __all__ = ["Explainer", "ImageExplanation"]
 
-# The maps the model's own forward returns ("class_map" and "attention"): a model with attention
-# branches is explained by them unless asked otherwise, any other model by Grad-CAM.
+# The maps the model's own forward returns: its explanation head's ("explanation"), which ranks
+# pixels best where the model has one, else its branches' ("class_map" and "attention"); any
+# other model is explained by Grad-CAM unless asked otherwise.
+HEAD_METHOD = "head"
 BUILT_IN_METHODS = ("branch_cam", "attention")
 FALLBACK_METHOD = "gradcam"
 
@@ -76,7 +78,10 @@ class Explainer:
         self.class_names = model_class_names(cfg)
         self.levels = list(cfg.TEST.EXPLAIN.LEVELS)  # explained unless levels are given
         has_branches = len(getattr(self.model.backbone, "attention_branches", {})) > 0
-        self.default_methods = list(BUILT_IN_METHODS) if has_branches else [FALLBACK_METHOD]
+        if getattr(self.model, "explanation_head", None):
+            self.default_methods = [HEAD_METHOD]
+        else:
+            self.default_methods = list(BUILT_IN_METHODS) if has_branches else [FALLBACK_METHOD]
 
     @classmethod
     def from_config_file(cls, config_file: str, weights: Optional[str] = None,

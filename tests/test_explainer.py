@@ -70,8 +70,9 @@ def _assert_maps_fit(maps, height, width):
 
 def test_every_registered_method_gives_maps_at_the_image_size(explainer, image_path):
     image = cv2.imread(image_path)
-    result = explainer(image, methods=sorted(SALIENCY_METHODS))
-    assert set(result.maps) == set(SALIENCY_METHODS)
+    methods = sorted(set(SALIENCY_METHODS) - {"head"})  # this model has no explanation head
+    result = explainer(image, methods=methods)
+    assert set(result.maps) == set(methods)
     _assert_maps_fit(result.maps, *image.shape[:2])
     # min-max scaled: a map that is not constant spans [0, 1]
     assert any(saliency.max() == 1.0 for maps in result.maps.values() for saliency in maps.values())
@@ -176,6 +177,37 @@ def test_a_plain_fpn_is_explained_by_gradcam(tmp_path, image_path):
         explainer(image, methods=["branch_cam"], levels=["p2"])
     assert str(error.value) == ("method 'branch_cam': BranchCAM: level(s) ['p2'] have no attention "
                                 "branch; the model has none (MODEL.FAL.ATTENTION_LEVELS is empty)")
+
+
+def test_a_model_with_a_trained_head_is_explained_by_it(tmp_path, image_path):
+    cfg = _tiny_cfg("fal_p2p3.yaml")
+    cfg = _tiny_cfg_with_head(_save_random_weights(_with_head(cfg), tmp_path / "untrained.pth"))
+    image = cv2.imread(image_path)
+    untrained = Explainer(cfg)
+    assert untrained.default_methods == ["head"]
+    with pytest.raises(ValueError, match="levels with a trained head: none"):
+        untrained(image)
+    model = build_model(_with_head(_tiny_cfg("fal_p2p3.yaml")))
+    for head in model.explanation_head.values():
+        head.num_updates.fill_(1)  # as if a second stage had trained it
+    trained = tmp_path / "trained.pth"
+    torch.save({"model": model.state_dict()}, trained)
+    result = Explainer(_tiny_cfg_with_head(str(trained)))(image)
+    assert list(result.maps) == ["head"]
+    assert list(result.maps["head"]) == ["p2", "p3"]
+    _assert_maps_fit(result.maps, *image.shape[:2])
+
+
+def _with_head(cfg):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.EXPLAIN_HEAD.ENABLED = True
+    cfg.freeze()
+    return cfg
+
+
+def _tiny_cfg_with_head(weights):
+    return _with_head(_tiny_cfg("fal_p2p3.yaml", weights))
 
 
 @pytest.mark.parametrize("call,asked,available", [

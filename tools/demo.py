@@ -290,8 +290,9 @@ def get_parser():
     parser.add_argument("--methods", nargs="+", choices=sorted(SALIENCY_METHODS),
                         metavar="METHOD",
                         help=f"saliency methods to draw, of {', '.join(sorted(SALIENCY_METHODS))} "
-                             f"(default: branch_cam and attention when the model has attention "
-                             f"branches, else gradcam)")
+                             f"(default: head when the model has an explanation head, else "
+                             f"branch_cam and attention when it has attention branches, else "
+                             f"gradcam)")
     parser.add_argument("--levels", nargs="+",
                         help="levels to explain (default: TEST.EXPLAIN.LEVELS, where a method "
                              "applies)")
