@@ -256,7 +256,11 @@ class Workspace:
         key = (config, tuple(opts))
         if key not in self.weights_cache.trained:
             output = self.weights_cache.new_folder()
-            self.run_script(["tools/train_net.py", "--config-file", config, *opts,
+            # A second stage (MODEL.EXPLAIN_HEAD.TRAIN_ONLY_HEAD) loads a model trained without
+            # its head, as a user's earlier run would have made it.
+            without_head = ["MODEL.EXPLAIN_HEAD.ENABLED", "False",
+                            "MODEL.EXPLAIN_HEAD.TRAIN_ONLY_HEAD", "False"]
+            self.run_script(["tools/train_net.py", "--config-file", config, *opts, *without_head,
                              "OUTPUT_DIR", output, "DATASETS.TEST", "()"],
                             f"{where} (training weights for {path})")
             self.weights_cache.trained[key] = os.path.join(output, "model_final.pth")
