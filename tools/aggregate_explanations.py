@@ -18,9 +18,8 @@ import json
 import sys
 from collections import defaultdict
 
-import numpy as np
-
 from fal_d2.evaluation.budgets import budget_suffix
+from fal_d2.evaluation.seed_means import format_mean, mean_half_range
 from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text
 
 REFERENCE = "gradcam"
@@ -67,10 +66,6 @@ def aggregate(tables, budgets):
     return values
 
 
-def mean_spread(values):
-    return float(np.mean(values)), float((max(values) - min(values)) / 2)
-
-
 def summary_rows(values, budgets):
     """One dict per (model, method, level): means, half-ranges, AD ratio to the same model's
     Grad-CAM and AD margin over its random control, at each budget."""
@@ -79,7 +74,8 @@ def summary_rows(values, budgets):
         row = {"model": model, "method": method, "level": level,
                "seeds": max((len(v) for v in cell.values()), default=0)}
         for key, series in cell.items():
-            row[key], row[f"{key}_half_range"] = mean_spread(series)
+            row[key], row[f"{key}_half_range"], _ = mean_half_range(series)
+            row[f"{key}_per_seed"] = list(series)
         for percent in budgets:
             key = f"average_drop{budget_suffix(percent)}"
             if key not in row:
@@ -87,9 +83,9 @@ def summary_rows(values, budgets):
             reference = values.get((model, REFERENCE, level), {}).get(key)
             control = values.get((model, CONTROL, level), {}).get(key)
             if reference and method != REFERENCE:
-                row[f"{key}_vs_gradcam"] = row[key] / float(np.mean(reference))
+                row[f"{key}_vs_gradcam"] = row[key] / mean_half_range(reference)[0]
             if control and method != CONTROL:
-                row[f"{key}_margin_over_random"] = float(np.mean(control)) - row[key]
+                row[f"{key}_margin_over_random"] = mean_half_range(control)[0] - row[key]
         rows.append(row)
     return rows
 
@@ -104,9 +100,7 @@ def markdown_table(rows, budgets, protocol):
         cells = [row["model"], row["method"], row["level"]]
         for key, _, _ in columns:
             auc = key.endswith("_auc")
-            cells.append("–" if key not in row else
-                         f"{row[key]:.3f}" if auc else
-                         f"{row[key]:.1f} ± {row[f'{key}_half_range']:.1f}")
+            cells.append(format_mean(row.get(f"{key}_per_seed", []), 3 if auc else 1))
         for suffix_key in ("vs_gradcam", "margin_over_random"):
             for percent in budgets:
                 value = row.get(f"average_drop{budget_suffix(percent)}_{suffix_key}")

@@ -56,6 +56,7 @@ from fal_d2.evaluation.budgets import (  # noqa: E402
     describe_budgets,
     table_budget_mode,
 )
+from fal_d2.evaluation.seed_means import format_mean  # noqa: E402
 from fal_d2.utils.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
 from fal_d2.utils.tool_args import ToolArgumentParser, override_value  # noqa: E402
 
@@ -395,14 +396,6 @@ def summarize_comparison(analysis_dir):
 
 def comparison_markdown(records):
     """Means over seeds of the comparison rows, one table per mask convention."""
-    def cell(values, digits=1):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "–"
-        mean = sum(values) / len(values)
-        spread = (max(values) - min(values)) / 2
-        return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if len(values) > 1 else "")
-
     budgets = records[0]["budgets"] if records else []
     columns = []
     for percent in budgets:
@@ -426,7 +419,7 @@ def comparison_markdown(records):
         for r in rows:
             groups.setdefault((r["model"], r["method"], r["level"]), []).append(r)
         for (model, method, level), group in groups.items():
-            cells = [cell([r.get(key) for r in group], 3 if key in ("coverage", "deletion_auc",
+            cells = [format_mean([r.get(key) for r in group], 3 if key in ("coverage", "deletion_auc",
                                                                     "insertion_auc") else 1)
                      for key, _ in columns]
             lines.append(f"| {model} | {method} | {level} | {len(group)} | " + " | ".join(cells)
